@@ -1,0 +1,135 @@
+"""The Distiller: resume after a real SIGKILL, NaN stop, config validation, teacher cache."""
+import json, os, signal, subprocess, sys, textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdbook.data import load_dataset
+from kdbook.learner import (Distiller, Method, NonFiniteLossError, TrainConfig, learning_rate, train_teachers,
+                            atomic_write_text)
+from kdbook.models import create_model
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    from safetensors.torch import save_file
+    from kdbook.data import load_dataset
+    from kdbook.learner import Distiller, TrainConfig, Callback
+    from kdbook.models import create_model
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
+    class Kill(Callback):
+        def after_step(self, learn):
+            if learn.global_step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+    torch.manual_seed(0)
+    ds = load_dataset("digits")
+    d = Distiller(create_model("mlp", 10, 1), data=ds, cfg=TrainConfig(epochs=4, seed=0, schedule="cosine"),
+                  out_dir=out, resume=True, progress=False, callbacks=[Kill()] if kill_at >= 0 else [])
+    d.fit()
+    save_file({k: v.contiguous() for k, v in d.student.state_dict().items()}, os.path.join(out, "final.safetensors"))
+""")
+
+
+def _run(out, kill_at):
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(kill_at)], capture_output=True, text=True)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
+    ref = _run(tmp_path / "ref", -1)
+    assert ref.returncode == 0, ref.stderr
+    killed = _run(tmp_path / "run", 22 * 2 + 7)          # in the middle of the third epoch
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "epoch-0002"
+    assert not (tmp_path / "run" / "final.safetensors").exists()
+    resumed = _run(tmp_path / "run", -1)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(tmp_path / "run" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a: assert torch.equal(a[k], b[k]), k
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2, 3]
+
+
+class _NaNAt(Method):
+    name = "nan-at"
+    def __init__(self, at):
+        super().__init__(); self.at, self.n = at, 0
+    def loss(self, batch, s, t):
+        self.n += 1
+        loss = super().loss(batch, s, t)["loss"]
+        return {"loss": loss * (float("inf") if self.n == self.at else 1.0)}
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ds = load_dataset("digits")
+    d = Distiller(create_model("mlp", 10, 1), _NaNAt(50), ds, cfg=TrainConfig(epochs=4), out_dir=tmp_path, progress=False)
+    spe = d.steps_per_epoch
+    with pytest.raises(NonFiniteLossError) as e:
+        d.fit()
+    msg = str(e.value)
+    assert f"epoch {49 // spe + 1}, step {49 % spe + 1} (global step 50)" in msg
+    assert f"epoch-{49 // spe:04d}" in msg
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"epoch-{49 // spe:04d}"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(epochs=-1), "TrainConfig.epochs must be an integer >= 1, got -1"),
+    (dict(batch_size=2.5), "TrainConfig.batch_size must be an integer >= 1, got 2.5"),
+    (dict(optimizer="rmsprop"), "TrainConfig.optimizer must be one of ('sgd', 'adam'), got 'rmsprop'"),
+    (dict(schedule="poly"), "TrainConfig.schedule must be one of ('multistep', 'cosine', 'constant'), got 'poly'"),
+    (dict(lr=-0.1), "TrainConfig.lr must be a finite number >= 0, got -0.1"),
+    (dict(weight_decay=float("inf")), "TrainConfig.weight_decay must be a finite number >= 0, got inf"),
+    (dict(momentum=1.5), "TrainConfig.momentum must be in [0, 1), got 1.5"),
+    (dict(milestones=(0.5, 1.5)), "TrainConfig.milestones must be increasing fractions of the run"),
+    (dict(seed=-3), "TrainConfig.seed must be an integer >= 0, got -3"),
+    (dict(device="tpu"), "TrainConfig.device must be"),
+])
+def test_bad_config_values_get_clear_errors(kw, msg):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**kw)
+    assert msg in str(e.value)
+
+
+def test_distiller_argument_errors(tmp_path):
+    ds = load_dataset("digits")
+    net = create_model("mlp", 10, 1)
+    with pytest.raises(ValueError, match="batch_size 5000 is larger than the training split"):
+        Distiller(net, data=ds, cfg=TrainConfig(batch_size=5000))
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        Distiller(net, data=ds, resume=True)
+    with pytest.raises(ValueError, match="method must be a kdbook.learner.Method"):
+        Distiller(net, method="aver", data=ds)
+    class NeedsT(Method): needs_teachers = True
+    with pytest.raises(ValueError, match="distils from teachers, but teachers=None"):
+        Distiller(net, NeedsT(), ds)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Distiller(net, data=ds, cfg=TrainConfig(device="cuda"))
+
+
+def test_multistep_schedule_matches_the_papers_epochs():
+    c = TrainConfig(epochs=240)
+    lrs = [learning_rate(c, e) for e in range(240)]
+    changes = [e for e in range(1, 240) if lrs[e] != lrs[e - 1]]
+    assert changes == [150, 180, 210]
+
+
+def test_teacher_cache_is_content_addressed(tmp_path):
+    ds = load_dataset("digits").subset(300, 100, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    a = train_teachers("mlp", ds, seeds=[0], cfg=cfg, cache=tmp_path, progress=False, verbose=False)[0]
+    b = train_teachers("mlp", ds, seeds=[0], cfg=cfg, cache=tmp_path, progress=False, verbose=False)[0]
+    c = train_teachers("mlp", ds, seeds=[0], cfg=TrainConfig(epochs=2, batch_size=32), cache=tmp_path, progress=False, verbose=False)[0]
+    assert (a.info["cached"], b.info["cached"], c.info["cached"]) == (False, True, False)
+    assert a.info["key"] == b.info["key"] != c.info["key"]
+    info = json.loads((tmp_path / a.info["key"] / "info.json").read_text())
+    assert info["arch"] == "mlp" and 0 <= info["test_top1"] <= 100 and info["config"]["epochs"] == 1
+    assert sorted(p.name for p in (tmp_path / a.info["key"]).iterdir()) == ["info.json", "weights.safetensors"]
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    p = atomic_write_text(tmp_path / "x.json", "1")
+    atomic_write_text(p, "2")
+    assert p.read_text() == "2" and [f.name for f in tmp_path.iterdir()] == ["x.json"]
