@@ -273,7 +273,7 @@ class SmallCNN(ZooModel):
         self.classifier = nn.Linear(widths[-1], num_classes)
         self.apply(init_weights)
 
-# %% ../nbs/02_models.ipynb #d0844c48
+# %% ../nbs/02_models.ipynb #30edb8fe
 MODELS: dict[str, Callable[..., ZooModel]] = {
     **{f"resnet{d}": partial(ResNet, depth=d) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": partial(ResNet, depth=8, widths=(32, 64, 128, 256)),
@@ -286,6 +286,7 @@ MODELS: dict[str, Callable[..., ZooModel]] = {
     "mlp": MLP,
     "mlp_tiny": partial(MLP, hidden=16, depth=1),
     "mlp_wide": partial(MLP, hidden=512),
+    "mlp28": partial(MLP, grid=28),
     "cnn_small": SmallCNN,
 }
 

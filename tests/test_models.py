@@ -55,4 +55,4 @@ def test_teacher_bank_mixed_class_sets_and_errors():
 def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown model 'resnet9'; valid names: resnet8"): create_model("resnet9", 10)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"): create_model("resnet8", 0)
-    assert {"mlp_tiny", "mlp_wide"} <= set(MODELS)
+    assert {"mlp_tiny", "mlp_wide", "mlp28"} <= set(MODELS)
