@@ -7,7 +7,7 @@ Docs: https://kdbook.github.io/kdbook/bench.html.md"""
 # %% auto #0
 __all__ = ['synthetic_dataset', 'distill_throughput', 'run_benchmarks', 'format_benchmarks']
 
-# %% ../nbs/30_bench.ipynb #93ff91a2
+# %% ../nbs/30_bench.ipynb #6c058608
 import math, time
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench
 from .models import create_model, bench_teacher_bank
 from .learner import Distiller, Method, TrainConfig
 from .baselines import AVER
+from .aekd import aekd_speed
 
 # %% ../nbs/30_bench.ipynb #ad52df29
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -58,7 +59,7 @@ def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
             "teachers": list(teachers), "student": student, "method": d.method.name, "batch_size": batch_size,
             "amp": d.amp, "channels_last": d.channels_last}
 
-# %% ../nbs/30_bench.ipynb #de92a869
+# %% ../nbs/30_bench.ipynb #fbfa6b6d
 def _device(device: str) -> torch.device:
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -81,8 +82,10 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     except DatasetNotFoundError: ds = load_dataset("digits")
     out["loader"] = bench_loader(ds, batch_size=128, n_batches=5 if quick else 100, device=dev)
     teachers = [_bn_stats(create_model(a, 10, 1), i) for i, a in enumerate(("resnet8", "resnet8", "resnet14", "resnet20", "resnet20"))]
-    x = torch.randn(64, 1, 28, 28, device=dev)
+    x = torch.randn(256, 1, 28, 28, device=dev)
     out["teacher_bank"] = bench_teacher_bank([t.to(dev) for t in teachers], x, n_iter=3 if quick else 30)
+    for M in (5, 25):
+        out[f"aekd_M{M}"] = aekd_speed(M=M, batch=64, reps=3 if quick else 15, n_qp=8 if quick else 32, device=str(dev))
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
                                                device=str(dev))
@@ -105,11 +108,12 @@ def format_benchmarks(res: dict) -> str:
                      f"{1e3 * b['bank_s']:.1f} vs {1e3 * b['loop_s']:.1f} ms)")
     for key, a in res.items():
         if key.startswith("aekd"):
-            lines.append(f"AE-KD step vs AVER step       {a['overhead']:+6.1%}   (M={a['M']}, batch {a['batch']}, {a['arch']})")
-            for M, r in a.get("vs_public", {}).items():
-                lines.append(f"AE-KD step vs public code    {r:6.1f}x   (M={M}: M backward passes + CPU one-class SVM)")
-            if "solver_vs_scipy" in a:
-                lines.append(f"batched solver vs scipy      {a['solver_vs_scipy']:6.0f}x   (per problem, M={a['M']})")
+            lines.append(f"AE-KD step vs AVER step      {a['aekd_overhead']:+6.1%}   (M={a['M']}, {a['arch']}, batch {a['batch']}: "
+                         f"{1e3 * a['t_aekd']:.1f} vs {1e3 * a['t_aver']:.1f} ms)")
+            lines.append(f"AE-KD step vs public code    {a['speedup_vs_public']:6.1f}x   (M={a['M']}: M backward passes + "
+                         f"CPU one-class SVM, {1e3 * a['t_public']:.1f} ms)")
+            lines.append(f"batched solver vs SLSQP      {a['qp_speedup']:6.1f}x   (M={a['M']}, per problem: "
+                         f"{1e6 * a['t_qp_ours']:.0f} vs {1e6 * a['t_qp_slsqp']:.0f} µs)")
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "

@@ -8,8 +8,8 @@ Docs: https://kdbook.github.io/kdbook/cli.html.md"""
 __all__ = ['METHODS', 'PRESETS', 'Preset', 'build_parser', 'run_study', 'summarize', 'format_table', 'report_figures',
            'write_report', 'data_report', 'bench_report', 'main']
 
-# %% ../nbs/90_cli.ipynb #f36925a5
-import argparse, dataclasses, html, json, math, os, sys, time, traceback
+# %% ../nbs/90_cli.ipynb #635f37ef
+import argparse, dataclasses, html, inspect, json, math, os, sys, time, traceback
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,10 @@ from .data import DATASETS, load_dataset, dataset_locations
 from .models import MODELS, create_model
 from .learner import Distiller, TrainConfig, train_teachers, atomic_write_text, cache_dir
 from .baselines import METHODS as BASELINES
+from .aekd import AEKD, AEKDFeat
 
-# %% ../nbs/90_cli.ipynb #a146386d
-METHODS = dict(BASELINES)
+# %% ../nbs/90_cli.ipynb #11e835ed
+METHODS = {**BASELINES, "aekd": AEKD, "aekd_feat": AEKDFeat}
 
 @dataclasses.dataclass
 class Preset:
@@ -34,15 +35,16 @@ class Preset:
     batch_size: int = 64
     lr: float = 0.05
     seeds: int = 3
+    threads: int | None = None   # torch CPU threads (None: torch's default)
 
 PRESETS = {
-    "digits": Preset(("mlp", "mlp_wide", "cnn_small"), "mlp_tiny", epochs=30, teacher_epochs=30),
-    "fashion-mnist": Preset(("mlp", "mlp_wide", "cnn_small"), "mlp_tiny", epochs=10, teacher_epochs=5, batch_size=128),
+    "digits": Preset(("mlp", "mlp_wide", "cnn_small"), "mlp_tiny", epochs=30, teacher_epochs=30, threads=1),
+    "fashion-mnist": Preset(("mlp28",) * 3, "mlp_tiny", epochs=10, teacher_epochs=5, batch_size=128, threads=1),
     "cifar10": Preset(("resnet56",) * 5, "resnet20", epochs=240, teacher_epochs=240),
     "cifar100": Preset(("resnet56",) * 5, "resnet20", epochs=240, teacher_epochs=240),
 }
 
-# %% ../nbs/90_cli.ipynb #d03a722f
+# %% ../nbs/90_cli.ipynb #8211f526
 def _names(value: str, valid, what: str) -> list:
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names: raise argparse.ArgumentTypeError(f"no {what} given; valid: {', '.join(valid)}")
@@ -56,6 +58,20 @@ def _positive_int(value: str) -> int:
     if v < 1: raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}")
     return v
 
+def _setting(value: str) -> tuple:
+    "`METHOD.PARAM=VALUE` (e.g. `aekd.C=0.8`) -> (method, param, value); numbers are parsed, other values kept as text."
+    key, eq, raw = value.partition("=")
+    method, dot, param = key.partition(".")
+    if not (eq and dot and param): raise argparse.ArgumentTypeError(f"expected METHOD.PARAM=VALUE (e.g. aekd.C=0.8), got {value!r}")
+    if method not in METHODS: raise argparse.ArgumentTypeError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    params = [p for p in inspect.signature(METHODS[method]).parameters if p not in ("self", "args", "kwargs")]
+    if param not in params:
+        raise argparse.ArgumentTypeError(f"method {method!r} has no parameter {param!r}; valid: {', '.join(params) or 'none'}")
+    for conv in (int, float):
+        try: return method, param, conv(raw)
+        except ValueError: pass
+    return method, param, raw
+
 def build_parser() -> argparse.ArgumentParser:
     "The `kdbook` argument parser: `run`, `data`, `bench`."
     p = argparse.ArgumentParser(prog="kdbook", description="Multi-teacher knowledge distillation, from the kdbook book.")
@@ -67,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--student", type=lambda v: _names(v, MODELS, "model")[0], help="student architecture")
     r.add_argument("--methods", type=lambda v: _names(v, METHODS, "method"), default=["aver", "ebkd", "camkd", "fitnet"],
                    help=f"comma-separated methods (valid: {', '.join(METHODS)})")
+    r.add_argument("--set", type=_setting, action="append", default=[], metavar="METHOD.PARAM=VALUE",
+                   help="a method's hyper-parameter, e.g. --set aekd.C=0.8 (repeatable)")
     r.add_argument("--epochs", type=_positive_int, help="student epochs")
     r.add_argument("--teacher-epochs", type=_positive_int, help="teacher epochs (teachers are cached)")
     r.add_argument("--seeds", type=_positive_int, help="number of seeds per method")
     r.add_argument("--batch-size", type=_positive_int)
     r.add_argument("--lr", type=float)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's; 1 helps on a busy shared CPU)")
+    r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the preset's: 1 for digits and fashion-mnist)")
     r.add_argument("--out", default="kdbook-run", help="output directory (results.json, report.html, checkpoints)")
     r.add_argument("--fresh", action="store_true", help="ignore finished runs in --out and start over")
     d = sub.add_parser("data", help="list the datasets and where each was found")
@@ -81,17 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     return p
 
-# %% ../nbs/90_cli.ipynb #8be415fd
+# %% ../nbs/90_cli.ipynb #436a9812
 def _config_key(cfg: dict) -> str: return json.dumps(cfg, sort_keys=True)
 
 def run_study(data: str = "digits", teachers=None, student=None, methods=("aver", "ebkd", "camkd", "fitnet"),
               epochs=None, teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto",
-              out="kdbook-run", fresh=False, log=print) -> dict:
+              out="kdbook-run", fresh=False, settings=(), threads=None, log=print) -> dict:
     "Train teachers, the student alone and one student per method over seeds; write results.json and report.html."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     bad = [m for m in methods if m not in METHODS]
     if bad: raise ValueError(f"unknown method {', '.join(map(repr, bad))}; valid: {', '.join(METHODS)}")
     pre = PRESETS[data]
+    kwargs = {}
+    for method, param, value in settings: kwargs.setdefault(method, {})[param] = value
+    for name in methods: METHODS[name](**kwargs.get(name, {}))   # bad values fail here, before any training
     teachers = list(teachers or pre.teachers); student = student or pre.student
     for a in teachers + [student]:
         if a not in MODELS: raise ValueError(f"unknown model {a!r}; valid: {', '.join(MODELS)}")
@@ -100,7 +121,7 @@ def run_study(data: str = "digits", teachers=None, student=None, methods=("aver"
     tcfg = dataclasses.replace(scfg, epochs=teacher_epochs or pre.teacher_epochs)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     config = {"data": data, "teachers": teachers, "student": student, "methods": ["ce", *[m for m in methods if m != "ce"]],
-              "seeds": n_seeds, "student_cfg": scfg.to_dict(), "teacher_cfg": tcfg.to_dict(), "version": __version__}
+              "seeds": n_seeds, "settings": kwargs, "student_cfg": scfg.to_dict(), "teacher_cfg": tcfg.to_dict(), "version": __version__}
     res_path = out / "results.json"
     runs = {}
     if res_path.exists() and not fresh:
@@ -109,6 +130,16 @@ def run_study(data: str = "digits", teachers=None, student=None, methods=("aver"
            _config_key({k: v for k, v in config.items() if k != "methods"}):
             runs = {k: r for k, r in old["runs"].items() if r.get("status") == "ok"}
             if runs: log(f"reusing {len(runs)} finished runs from {res_path}")
+    threads = threads or pre.threads
+    if threads and torch.device(scfg.device if scfg.device != "auto" else "cpu").type == "cpu":
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try: return _run(config, kwargs, tcfg, scfg, res_path, runs, out, log)
+        finally: torch.set_num_threads(saved)
+    return _run(config, kwargs, tcfg, scfg, res_path, runs, out, log)
+
+def _run(config, kwargs, tcfg, scfg, res_path, runs, out, log):
+    data, teachers, student, n_seeds = config["data"], config["teachers"], config["student"], config["seeds"]
     ds = load_dataset(data)
     log(f"data: {data} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
     t0 = time.perf_counter()
@@ -127,7 +158,7 @@ def run_study(data: str = "digits", teachers=None, student=None, methods=("aver"
             try:
                 torch.manual_seed(seed)
                 stu = create_model(student, ds.n_classes, ds.in_channels)
-                method = METHODS[name]()
+                method = METHODS[name](**kwargs.get(name, {}))
                 d = Distiller(stu, method, ds, teachers=tnets if method.needs_teachers else None,
                               cfg=dataclasses.replace(scfg, seed=seed), out_dir=out / "runs" / name / f"seed{seed}",
                               resume=True, progress=False)
@@ -226,7 +257,7 @@ def bench_report(device: str = "auto") -> str:
     from kdbook.bench import run_benchmarks, format_benchmarks
     return format_benchmarks(run_benchmarks(device=device))
 
-# %% ../nbs/90_cli.ipynb #8a7d19c1
+# %% ../nbs/90_cli.ipynb #f77ce776
 def main(argv=None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
@@ -235,10 +266,10 @@ def main(argv=None) -> int:
     if args.command == "bench":
         print(bench_report(args.device)); return 0
     t0 = time.perf_counter()
-    if args.threads: torch.set_num_threads(args.threads)
     try:
         res = run_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
-                        args.seeds, args.batch_size, args.lr, args.device, args.out, args.fresh)
+                        args.seeds, args.batch_size, args.lr, args.device, args.out, args.fresh, args.set,
+                        args.threads)
     except (ValueError, FileNotFoundError) as e:
         print(f"kdbook: error: {e}", file=sys.stderr); return 2
     print()
