@@ -83,3 +83,22 @@ def test_fashion_mnist_from_the_debian_copy(env, tmp_path):
     assert "/usr/share/datasets/fashion-mnist" in r.stdout
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["runs"]["aekd/0"]["top1"] > 50
+
+def test_cifar100_recipe_command_on_a_small_archive_in_the_real_format(tmp_path):
+    "The paper's CIFAR-100 recipe is the preset; its command path runs here on a tiny archive in CIFAR's format."
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import write_cifar
+    from kdbook.learner import TrainConfig, learning_rate
+    pre = cli.PRESETS["cifar100"]
+    assert (pre.teachers, pre.student, pre.epochs, pre.lr, pre.batch_size) == (("resnet56",) * 5, "resnet20", 240, 0.05, 64)
+    cfg = TrainConfig(epochs=pre.epochs, lr=pre.lr)
+    drops = [e for e in range(1, 240) if learning_rate(cfg, e) < learning_rate(cfg, e - 1)]
+    assert drops == [150, 180, 210]
+    write_cifar(tmp_path / "data", "cifar100", archive=True)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "KDBOOK_DATA": str(tmp_path / "data"),
+           "KDBOOK_CACHE": str(tmp_path / "cache")}
+    r = kdbook("run", "--data", "cifar100", "--teachers", "resnet8,resnet8", "--student", "resnet8", "--methods", "aver,aekd,aekd_feat",
+               "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--batch-size", "4", "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok", "aver/0": "ok", "aekd/0": "ok", "aekd_feat/0": "ok"}
