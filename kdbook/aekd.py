@@ -8,15 +8,15 @@ Docs: https://kdbook.github.io/kdbook/aekd.html.md"""
 __all__ = ['capped_simplex_projection', 'capped_simplex_min_norm', 'ocsvm_weights', 'logit_grads', 'aekd_weights',
            'feature_grads', 'normalized_weights', 'AEKD', 'AEKDFeat', 'capped_simplex_vertices', 'aekd_speed']
 
-# %% ../nbs/10_aekd.ipynb #6eb24b42
-import math, time
+# %% ../nbs/10_aekd.ipynb #f55ade9c
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .core import softmax_t, kd_loss
-from .models import ModelOut, TeacherOut, create_model
+from .models import TeacherOut, create_model, median_times
 from .baselines import MultiTeacherKD, AVER, FeatureRegressor, _full
 
 # %% ../nbs/10_aekd.ipynb #c1d8c0c5
@@ -267,23 +267,7 @@ def capped_simplex_vertices(C: float) -> list:
     if C <= 0.5: return [(C, C, 1 - 2 * C), (C, 1 - 2 * C, C), (1 - 2 * C, C, C)]
     return [(C, 1 - C, 0.0), (C, 0.0, 1 - C), (1 - C, 0.0, C), (0.0, 1 - C, C), (0.0, C, 1 - C), (1 - C, C, 0.0)]
 
-# %% ../nbs/10_aekd.ipynb #104e3d83
-def _median_time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-def _median_times(fns, reps: int) -> list:
-    "Median seconds of each function, timed in interleaved rounds so that all see the same machine load."
-    for fn in fns: fn()
-    ts = [[] for _ in fns]
-    for _ in range(reps):
-        for t, fn in zip(ts, fns):
-            t0 = time.perf_counter(); fn(); t.append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in ts]
-
+# %% ../nbs/10_aekd.ipynb #cde3baf7
 def aekd_speed(M: int = 5, # number of teachers
                batch: int = 64, # batch size
                reps: int = 10, # timed repetitions (median reported)
@@ -336,7 +320,7 @@ def aekd_speed(M: int = 5, # number of teachers
     quad = lambda a: float(a.double().cpu() @ G.double().cpu() @ a.double().cpu())
     if quad(w_ours) > quad(w_public) * (1 + 1e-5) + 1e-12 * float(G.trace()):
         raise AssertionError(f"our weights {w_ours} are a worse QP solution than the public solver's {w_public}")
-    t_aver, t_aekd, t_public = _median_times([lambda: step(aver), lambda: step(aekd), public_step], reps)
+    t_aver, t_aekd, t_public = median_times([lambda: step(aver), lambda: step(aekd), public_step], reps, device=device)
 
     Gq = torch.randn(n_qp, M, 8, generator=g, dtype=torch.float64)
     Gq = Gq @ Gq.transpose(1, 2)
@@ -344,8 +328,9 @@ def aekd_speed(M: int = 5, # number of teachers
         for Gi in Gq.numpy():
             minimize(lambda a: 0.5 * a @ Gi @ a, np.full(M, 1 / M), jac=lambda a: Gi @ a, bounds=[(0, aekd.C)] * M,
                      constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1}], method="SLSQP")
-    t_ours_qp = _median_time(lambda: capped_simplex_min_norm(Gq, aekd.C, check=False), max(3, reps // 2)) / n_qp
-    t_slsqp_qp = _median_time(slsqp, max(3, reps // 2)) / n_qp
+    t_ours_qp, = median_times([lambda: capped_simplex_min_norm(Gq, aekd.C, check=False)], max(3, reps // 2))
+    t_slsqp_qp, = median_times([slsqp], max(3, reps // 2))
+    t_ours_qp, t_slsqp_qp = t_ours_qp / n_qp, t_slsqp_qp / n_qp
     return dict(M=M, batch=batch, arch=arch, t_aver=t_aver, t_aekd=t_aekd, t_public=t_public,
                 aekd_overhead=t_aekd / t_aver - 1, speedup_vs_public=t_public / t_aekd,
                 t_qp_ours=t_ours_qp, t_qp_slsqp=t_slsqp_qp, qp_speedup=t_slsqp_qp / t_ours_qp,

@@ -8,7 +8,7 @@ Docs: https://kdbook.github.io/kdbook/baselines.html.md"""
 __all__ = ['METHODS', 'MultiTeacherKD', 'AVER', 'entropy_weights', 'EBKD', 'confidence_weights', 'label_cross_entropy',
            'FeatureRegressor', 'FitNetMKD', 'CAMKD', 'pinned_batch']
 
-# %% ../nbs/04_baselines.ipynb #6a479a60
+# %% ../nbs/04_baselines.ipynb #0187d5a6
 import math
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import kd_loss
-from .models import ModelOut, TeacherOut
+from .models import ModelOut
 from .learner import Method
 
 # %% ../nbs/04_baselines.ipynb #c98ab7ab

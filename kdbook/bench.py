@@ -7,14 +7,13 @@ Docs: https://kdbook.github.io/kdbook/bench.html.md"""
 # %% auto #0
 __all__ = ['synthetic_dataset', 'distill_throughput', 'run_benchmarks', 'format_benchmarks']
 
-# %% ../nbs/30_bench.ipynb #6c058608
-import math, time
+# %% ../nbs/30_bench.ipynb #d018b7ca
+import time
 import torch
-from torch import Tensor
 
 from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench_loader
-from .models import create_model, bench_teacher_bank
-from .learner import Distiller, Method, TrainConfig
+from .models import create_model, bench_teacher_bank, randomize_bn
+from .learner import Distiller, Method, TrainConfig, resolve_device
 from .baselines import AVER
 from .aekd import aekd_speed
 
@@ -59,29 +58,16 @@ def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
             "teachers": list(teachers), "student": student, "method": d.method.name, "batch_size": batch_size,
             "amp": d.amp, "channels_last": d.channels_last}
 
-# %% ../nbs/30_bench.ipynb #fbfa6b6d
-def _device(device: str) -> torch.device:
-    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-def _bn_stats(model, seed):
-    "Random BatchNorm statistics, so that folding them is not the identity."
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
+# %% ../nbs/30_bench.ipynb #4ce60f84
 def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     "Measure every speed ratio of the book on this machine, in one run."
-    dev = _device(device)
+    dev = resolve_device(device)
     out = {"machine": {"torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
                        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}}
     try: ds = load_dataset("fashion-mnist", download=False)
     except DatasetNotFoundError: ds = load_dataset("digits")
     out["loader"] = bench_loader(ds, batch_size=128, n_batches=5 if quick else 100, device=dev)
-    teachers = [_bn_stats(create_model(a, 10, 1), i) for i, a in enumerate(("resnet8", "resnet8", "resnet14", "resnet20", "resnet20"))]
+    teachers = [randomize_bn(create_model(a, 10, 1), i) for i, a in enumerate(("resnet8", "resnet8", "resnet14", "resnet20", "resnet20"))]
     x = torch.randn(256, 1, 28, 28, device=dev)
     out["teacher_bank"] = bench_teacher_bank([t.to(dev) for t in teachers], x, n_iter=3 if quick else 30)
     for M in (5, 25):

@@ -8,8 +8,8 @@ Docs: https://kdbook.github.io/kdbook/cli.html.md"""
 __all__ = ['METHODS', 'PRESETS', 'Preset', 'build_parser', 'run_study', 'summarize', 'format_table', 'report_figures',
            'write_report', 'data_report', 'bench_report', 'main']
 
-# %% ../nbs/90_cli.ipynb #635f37ef
-import argparse, dataclasses, html, inspect, json, math, os, sys, time, traceback
+# %% ../nbs/90_cli.ipynb #c02312a1
+import argparse, dataclasses, html, inspect, json, sys, time, traceback
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .data import DATASETS, load_dataset, dataset_locations
 from .models import MODELS, create_model
-from .learner import Distiller, TrainConfig, train_teachers, atomic_write_text, cache_dir
+from .learner import Distiller, TrainConfig, train_teachers, atomic_write_text, resolve_device
 from .baselines import METHODS as BASELINES
 from .aekd import AEKD, AEKDFeat
 
@@ -44,7 +44,7 @@ PRESETS = {
     "cifar100": Preset(("resnet56",) * 5, "resnet20", epochs=240, teacher_epochs=240),
 }
 
-# %% ../nbs/90_cli.ipynb #8211f526
+# %% ../nbs/90_cli.ipynb #d8e6f456
 def _names(value: str, valid, what: str) -> list:
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names: raise argparse.ArgumentTypeError(f"no {what} given; valid: {', '.join(valid)}")
@@ -94,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the preset's: 1 for digits and fashion-mnist)")
     r.add_argument("--out", default="kdbook-run", help="output directory (results.json, report.html, checkpoints)")
     r.add_argument("--fresh", action="store_true", help="ignore finished runs in --out and start over")
-    d = sub.add_parser("data", help="list the datasets and where each was found")
+    sub.add_parser("data", help="list the datasets and where each was found")
     b = sub.add_parser("bench", help="measure the speed ratios (ours vs the straightforward way) on this machine")
     b.add_argument("--device", default="auto")
     return p
 
-# %% ../nbs/90_cli.ipynb #436a9812
+# %% ../nbs/90_cli.ipynb #14eb8ac8
 def _config_key(cfg: dict) -> str: return json.dumps(cfg, sort_keys=True)
 
 def run_study(data: str = "digits", teachers=None, student=None, methods=("aver", "ebkd", "camkd", "fitnet"),
@@ -130,13 +130,10 @@ def run_study(data: str = "digits", teachers=None, student=None, methods=("aver"
            _config_key({k: v for k, v in config.items() if k != "methods"}):
             runs = {k: r for k, r in old["runs"].items() if r.get("status") == "ok"}
             if runs: log(f"reusing {len(runs)} finished runs from {res_path}")
-    threads = threads or pre.threads
-    if threads and torch.device(scfg.device if scfg.device != "auto" else "cpu").type == "cpu":
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try: return _run(config, kwargs, tcfg, scfg, res_path, runs, out, log)
-        finally: torch.set_num_threads(saved)
-    return _run(config, kwargs, tcfg, scfg, res_path, runs, out, log)
+    threads, saved = threads or pre.threads, torch.get_num_threads()
+    if threads and resolve_device(scfg.device).type == "cpu": torch.set_num_threads(threads)
+    try: return _run(config, kwargs, tcfg, scfg, res_path, runs, out, log)
+    finally: torch.set_num_threads(saved)
 
 def _run(config, kwargs, tcfg, scfg, res_path, runs, out, log):
     data, teachers, student, n_seeds = config["data"], config["teachers"], config["student"], config["seeds"]

@@ -8,8 +8,8 @@ Docs: https://kdbook.github.io/kdbook/learner.html.md"""
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TrainConfig', 'learning_rate', 'Method', 'topk_correct', 'task_accuracy',
            'atomic_write_text', 'atomic_write_dir', 'optimizer_to_safetensors', 'optimizer_from_safetensors',
            'Callback', 'format_record', 'ProgressCallback', 'LivePlotCallback', 'MetricsLogCallback',
-           'CheckpointCallback', 'NonFiniteLossError', 'Distiller', 'cache_dir', 'dataset_fingerprint', 'teacher_key',
-           'train_teachers']
+           'CheckpointCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller', 'cache_dir',
+           'dataset_fingerprint', 'teacher_key', 'train_teachers']
 
 # %% ../nbs/03_learner.ipynb #f2ee6c7d
 import dataclasses, hashlib, json, math, os, shutil, time
@@ -282,11 +282,12 @@ class CheckpointCallback(Callback):
         if (learn.epoch + 1) % self.every == 0 or learn.epoch + 1 == learn.cfg.epochs:
             learn.save_checkpoint(keep=self.keep)
 
-# %% ../nbs/03_learner.ipynb #2f1f91ef
+# %% ../nbs/03_learner.ipynb #a1127089
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN or inf."
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    "`'auto'` -> CUDA when available, else CPU; a CUDA device asked for on a machine without one is an error."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -302,7 +303,7 @@ def _set_rng_state(st: dict, device):
     torch.set_rng_state(st["cpu"])
     if device.type == "cuda" and "cuda" in st: torch.cuda.set_rng_state(st["cuda"], device)
 
-# %% ../nbs/03_learner.ipynb #46622169
+# %% ../nbs/03_learner.ipynb #0ac5ef93
 class Distiller:
     "Train `student` with `method` on `data`, distilling from `teachers`; checkpointed, resumable, logged."
     def __init__(self, student: nn.Module, method: Method | None = None, data: ImageDataset | None = None,
@@ -314,7 +315,7 @@ class Distiller:
         self.method = method if method is not None else Method()
         if not isinstance(self.method, Method):
             raise ValueError(f"method must be a kdbook.learner.Method, got {type(self.method).__name__}")
-        self.device = _resolve_device(self.cfg.device)
+        self.device = resolve_device(self.cfg.device)
         on_cuda = self.device.type == "cuda"
         self.amp = on_cuda if self.cfg.amp is None else self.cfg.amp
         self.channels_last = on_cuda if self.cfg.channels_last is None else self.cfg.channels_last

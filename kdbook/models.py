@@ -8,7 +8,8 @@ Docs: https://kdbook.github.io/kdbook/models.html.md"""
 __all__ = ['MODELS', 'ModelOut', 'global_pool', 'init_weights', 'ZooModel', 'conv_bn', 'conv_bn_relu', 'BasicBlock', 'ResNet',
            'PreActBlock', 'WideResNet', 'VGG', 'InvertedResidual', 'MobileNetV2', 'channel_shuffle', 'ShuffleV1Block',
            'ShuffleNetV1', 'ShuffleV2Block', 'ShuffleV2Down', 'ShuffleNetV2', 'MLP', 'SmallCNN', 'create_model',
-           'count_params', 'fold_conv_bn', 'fold_batchnorm', 'TeacherOut', 'TeacherBank', 'bench_teacher_bank']
+           'count_params', 'fold_conv_bn', 'fold_batchnorm', 'randomize_bn', 'TeacherOut', 'TeacherBank',
+           'median_times', 'bench_teacher_bank']
 
 # %% ../nbs/02_models.ipynb #302a0d1a
 import copy, numbers, time
@@ -324,6 +325,20 @@ def fold_batchnorm(model: nn.Module) -> int:
                 folded += 1
     return folded
 
+# %% ../nbs/02_models.ipynb #98b56471
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    "Random running statistics and affine parameters, so that folding is not the identity (tests and benchmarks)."
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            dt = m.running_mean.dtype
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=dt) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=dt) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=dt) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=dt) * 0.2)
+    return model
+
 # %% ../nbs/02_models.ipynb #e340dd2d
 class TeacherOut(NamedTuple):
     "What a `TeacherBank` returns."
@@ -381,24 +396,32 @@ class TeacherBank(nn.Module):
         if not feats: return TeacherOut(logits, None, None)
         return TeacherOut(logits, [[_as_output(f) for f in o.feats] for o in outs], [_as_output(o.pooled) for o in outs])
 
-# %% ../nbs/02_models.ipynb #5c75d522
+# %% ../nbs/02_models.ipynb #932665e6
+def median_times(fns: Sequence[Callable[[], object]], # the functions to time, called with no argument
+                 reps: int, # timed rounds
+                 warmup: int = 1, # untimed rounds first (first-call overheads)
+                 device=None, # a CUDA device is synchronised around each call
+                ) -> list:
+    "Median seconds per call of each function, timed in interleaved rounds so that all see the same machine load."
+    reps = _check_positive_int("reps", reps)
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    times = [[] for _ in fns]
+    for i in range(warmup + reps):
+        for t, fn in zip(times, fns):
+            sync(); start = time.perf_counter()
+            fn(); sync()
+            if i >= warmup: t.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
+
 def bench_teacher_bank(teachers: Sequence[nn.Module], # unfolded teachers
                        x: Tensor, # one input batch, on the device to measure
                        n_iter: int = 30, # timed rounds (after 3 warm-up rounds)
                        **bank_kwargs, # passed to `TeacherBank`
                       ) -> dict:
     "Median seconds per call of the plain no-grad loop and of the `TeacherBank`, and `ratio` = loop / bank."
-    n_iter = _check_positive_int("n_iter", n_iter)
     bank = TeacherBank(teachers, **bank_kwargs).to(x.device)
     plain = [t.eval() for t in teachers]
     def loop():
         with torch.no_grad(): return [t(x) for t in plain]
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = {"loop_s": [], "bank_s": []}
-    for i in range(n_iter + 3):
-        for key, fn in (("loop_s", loop), ("bank_s", lambda: bank(x))):
-            sync(); start = time.perf_counter()
-            fn(); sync()
-            if i >= 3: times[key].append(time.perf_counter() - start)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {**med, "ratio": med["loop_s"] / med["bank_s"], "n_teachers": len(plain), "batch": tuple(x.shape)}
+    loop_s, bank_s = median_times([loop, lambda: bank(x)], _check_positive_int("n_iter", n_iter), warmup=3, device=x.device)
+    return {"loop_s": loop_s, "bank_s": bank_s, "ratio": loop_s / bank_s, "n_teachers": len(plain), "batch": tuple(x.shape)}

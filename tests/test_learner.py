@@ -1,6 +1,5 @@
 """The Distiller: resume after a real SIGKILL, NaN stop, config validation, teacher cache."""
-import json, os, signal, subprocess, sys, textwrap
-from pathlib import Path
+import json, signal, subprocess, sys, textwrap
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 import copy
 import pytest, torch
 from torch import nn
-from kdbook.models import MODELS, ModelOut, TeacherBank, count_params, create_model, global_pool
+from kdbook.models import MODELS, ModelOut, TeacherBank, count_params, create_model, global_pool, randomize_bn
 
 # RepDistiller's definitions, 100 classes (the papers print these rounded: resnet20 0.28M, resnet56 0.86M, ...)
 PUBLISHED = {"resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
@@ -25,17 +25,9 @@ def test_model_out_contract(name, shape):
     torch.testing.assert_close(out.pooled, global_pool(out.feats[-1]))
     torch.testing.assert_close(out.logits, model.head(out.feats[-1]))
 
-def _random_bn(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_teacher_bank_matches_plain_forward(channels_last):
-    teachers = [_random_bn(create_model(n, 10, 1), i) for i, n in enumerate(["resnet8", "wrn_16_1", "cnn_small", "ShuffleV1"])]
+    teachers = [randomize_bn(create_model(n, 10, 1), i) for i, n in enumerate(["resnet8", "wrn_16_1", "cnn_small", "ShuffleV1"])]
     before = [copy.deepcopy(t.state_dict()) for t in teachers]
     x = torch.randn(5, 1, 28, 28)
     out = TeacherBank(teachers, channels_last=channels_last)(x, feats=True)
