@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import softmax_t, kd_loss
+from .core import softmax_t, kd_loss, upcast
 from .models import TeacherOut, create_model, median_times
-from .baselines import MultiTeacherKD, AVER, FeatureRegressor, _full
+from .learner import register_method
+from .baselines import MultiTeacherKD, AVER, build_regressors
 
 # %% ../nbs/10_aekd.ipynb #c1d8c0c5
 def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch shape
@@ -148,7 +149,7 @@ def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
                  check: bool = True, # validate the Gram (host sync); off in the training loop
                 ) -> Tensor: # weights `[M]` ("batch") or `[M, B]` ("sample")
     "AE-KD's teacher weights from the logit-gradient Gram (batch-mean gradients, as in the public code, or per sample)."
-    g = logit_grads(_full(s_logits), _full(t_logits), T)
+    g = logit_grads(upcast(s_logits), upcast(t_logits), T)
     if granularity == "batch":
         v = g.mean(1)
         return capped_simplex_min_norm(v @ v.T, C, iters=iters, check=check)
@@ -179,6 +180,7 @@ def normalized_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]`
     return (a / a.sum()).to(grads.dtype)
 
 # %% ../nbs/10_aekd.ipynb #2bf4fa51
+@register_method
 class AEKD(MultiTeacherKD):
     "AE-KD (Du et al. 2020): teacher weights = min-norm point of the logit gradients on the capped simplex {Σα = 1, 0 ≤ α ≤ C}."
     name = "aekd"
@@ -232,6 +234,7 @@ class AEKD(MultiTeacherKD):
         out["alpha_max"], out["alpha_min"] = w.max(), w.min()
         return out
 
+@register_method
 class AEKDFeat(AEKD):
     "AE-KD* : AE-KD plus β·Σ α'_m H_m, FitNets hints through per-teacher regressors weighted by the normalised feature-gradient QP."
     name = "aekd_feat"
@@ -247,15 +250,11 @@ class AEKDFeat(AEKD):
 
     def setup(self, student, bank, batch):
         super().setup(student, bank, batch)
-        x = batch[0]
-        fs = student(x).feats[self.layer]
-        t = bank(x, feats=True)
-        self.regressors = nn.ModuleList(
-            FeatureRegressor(fs.shape[1], ft[self.layer].shape[1], ft[self.layer].shape[-2:]) for ft in t.feats)
+        self.regressors = build_regressors(student, bank, batch, self.layer)
 
     def feature_loss(self, s, t, y):
         fs = s.feats[self.layer]
-        H = torch.stack([F.mse_loss(_full(r(fs)), _full(ft[self.layer])) for r, ft in zip(self.regressors, t.feats)])
+        H = torch.stack([F.mse_loss(upcast(r(fs)), upcast(ft[self.layer])) for r, ft in zip(self.regressors, t.feats)])
         w = normalized_weights(feature_grads(H, fs), self.C, self.iters, check=False).to(H.dtype)
         self.last_feat_weights = w.detach()
         return (w * H).sum()

@@ -109,9 +109,10 @@ _CIFAR = {  # name -> (folder inside the official archive, archive, files the fo
 # A module attribute, so tests can point it at an empty folder.
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
-def cache_dir() -> Path:
-    "Where downloads and extracted archives go: `~/.cache/kdbook`."
-    return Path.home() / ".cache" / "kdbook"
+def cache_dir(sub: str = "") -> Path:
+    "SHIM"
+    root = Path(os.environ.get("KDBOOK_CACHE") or Path.home() / ".cache" / "kdbook")
+    return root / sub if sub else root
 
 def _check_name(name: str) -> str:
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
@@ -394,11 +395,12 @@ class DeviceLoader:
         return (f"DeviceLoader({len(self.y)} samples, batch_size={self.batch_size}, train={self.train}, pad={self.pad}, "
                 f"flip={self.flip}, device={self.device}, {len(self)} batches)")
 
-def make_loaders(ds: ImageDataset, batch_size: int, device="cpu", seed: int = 0, eval_batch_size: int | None = None,
-                 **kwargs) -> tuple[DeviceLoader, DeviceLoader]:
-    "Train and test `DeviceLoader`s for `ds` with its own normalisation and augmentation."
-    common = dict(mean=ds.mean, std=ds.std, device=device, **kwargs)
-    return (DeviceLoader(ds.train, batch_size, train=True, pad=ds.pad, flip=ds.flip, seed=seed, **common),
+def make_loaders(ds, batch_size, *, device="cpu", seed=0, eval_batch_size=None, augment=True, channels_last=None):
+    "SHIM"
+    if batch_size > len(ds.train): raise ValueError(f"batch_size {batch_size} is larger than the training split ({len(ds.train)} samples)")
+    pad, flip = (ds.pad, ds.flip) if augment else (0, False)
+    common = dict(mean=ds.mean, std=ds.std, device=device, channels_last=channels_last)
+    return (DeviceLoader(ds.train, batch_size, train=True, pad=pad, flip=flip, seed=seed, **common),
             DeviceLoader(ds.test, eval_batch_size or 2 * batch_size, train=False, **common))
 
 # %% ../nbs/01_data.ipynb #51af36c2

@@ -1,7 +1,8 @@
 "Module tests of kdbook.baselines: pinned loss values, weight distributions, reduction to AVER, bad hyper-parameters."
 import pytest, torch
 from torch import nn
-from kdbook.baselines import (AVER, CAMKD, EBKD, METHODS, FeatureRegressor, FitNetMKD, confidence_weights,
+from kdbook.learner import METHODS
+from kdbook.baselines import (AVER, CAMKD, EBKD, FeatureRegressor, FitNetMKD, confidence_weights,
                               entropy_weights, label_cross_entropy, pinned_batch)
 from kdbook.models import ModelOut, TeacherBank, TeacherOut, create_model
 
