@@ -1,9 +1,13 @@
 "The `kdbook` command end to end: bad input, a short study, the report in a real browser, failures kept apart."
-import json, os, shutil, subprocess, sys
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
+import torch
 
 from kdbook import cli
+from kdbook import learner
+from kdbook.learner import METHODS
+from conftest import FASHION_MNIST, chromium, require_system
 
 def kdbook(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-c", "import sys; from kdbook.cli import main; sys.exit(main())", *args],
@@ -13,22 +17,67 @@ def kdbook(*args, env=None, cwd=None):
 def env(tmp_path):
     return {**os.environ, "KDBOOK_CACHE": str(tmp_path / "cache")}
 
-@pytest.mark.parametrize("args, msg", [
-    (["run", "--methods", "aver,foo"], "unknown method 'foo'; valid: ce, aver, ebkd, camkd, fitnet, aekd, aekd_feat"),
-    (["run", "--teachers", "mlp,resnet21"], "unknown model 'resnet21'; valid: resnet8"),
-    (["run", "--student", "vgg7"], "unknown model 'vgg7'"),
-    (["run", "--data", "mnist"], "invalid choice: 'mnist'"),
-    (["run", "--epochs", "0"], "must be an integer >= 1, got '0'"),
-    (["run", "--seeds", "two"], "must be an integer >= 1, got 'two'"),
-    (["run", "--set", "aekd.D=1"], "method 'aekd' has no parameter 'D'"),
-    (["run", "--set", "aekd.C=5", "--methods", "aekd"], "C must be a number in (0, 1]"),
-    (["run", "--set", "aver.T=-1", "--methods", "aver"], "temperature T must be a finite number > 0, got -1"),
-    (["frobnicate"], "invalid choice: 'frobnicate'")])
-def test_bad_input_exits_2_with_the_valid_values(args, msg, env, tmp_path):
-    r = kdbook(*args, "--out", str(tmp_path / "out")) if args[0] == "run" else kdbook(*args)
-    assert r.returncode == 2, r
-    assert msg in r.stderr, r.stderr
+def _root() -> bool: return hasattr(os, "geteuid") and os.geteuid() == 0
+
+def _bad_inputs(tmp):
+    "Every bad input `kdbook` has: (arguments, the message's key part)."
+    (tmp / "a_file").write_text("x")
+    locked = tmp / "locked"; locked.mkdir(); locked.chmod(0o500)
+    rows = [
+        (["run", "--methods", "aver,foo"], "unknown method 'foo'; valid: ce, aver, ebkd, fitnet, camkd, aekd, aekd_feat"),
+        (["run", "--methods", ""], "no method given"),
+        (["run", "--teachers", "mlp,resnet21"], "unknown model 'resnet21'; valid: resnet8"),
+        (["run", "--student", "vgg7"], "unknown model 'vgg7'"),
+        (["run", "--data", "mnist"], "invalid choice: 'mnist'"),
+        (["run", "--epochs", "0"], "must be an integer >= 1, got '0'"),
+        (["run", "--teacher-epochs", "-2"], "must be an integer >= 1, got '-2'"),
+        (["run", "--seeds", "two"], "must be an integer >= 1, got 'two'"),
+        (["run", "--batch-size", "1.5"], "must be an integer >= 1, got '1.5'"),
+        (["run", "--lr", "nan"], "must be a finite number > 0, got 'nan'"),
+        (["run", "--threads", "0"], "must be an integer >= 1, got '0'"),
+        (["run", "--set", "aekd.D=1"], "method 'aekd' has no parameter 'D'"),
+        (["run", "--set", "foo.C=1"], "unknown method 'foo'"),
+        (["run", "--set", "aekdC=1"], "expected METHOD.PARAM=VALUE"),
+        (["run", "--set", "aekd.C=5", "--methods", "aekd"], "C must be a number in (0, 1]"),
+        (["run", "--set", "aekd.C=0.5", "--methods", "aver"], "settings given for method 'aekd', which this study does not run"),
+        (["run", "--set", "aver.T=-1", "--methods", "aver"], "temperature T must be a finite number > 0, got -1"),
+        (["run", "--set", "aekd.granularity=pixel", "--methods", "aekd"], "granularity must be 'batch' or 'sample'"),
+        (["run", "--device", "tpu"], "TrainConfig.device must be"),
+        (["run", "--out", str(tmp / "a_file")], "is a file, not a folder"),
+        (["run", "--out", str(tmp / "a_file" / "sub")], "is a file, not a folder (it is under"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ]
+    if not torch.cuda.is_available(): rows.append((["run", "--device", "cuda"], "CUDA is not available"))
+    if not _root(): rows.append((["run", "--out", str(locked / "out")], "cannot be written"))
+    return rows
+
+def test_every_bad_input_is_one_line_exit_2_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    "Table-driven: each bad input gives exit code 2 and one line on stderr, no traceback, nothing trained."
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    for args, msg in _bad_inputs(tmp_path):
+        argv = args + ([] if "--out" in args or args[0] != "run" else ["--out", str(tmp_path / "out")])
+        try: code = cli.main(argv)             # an unexpected exception would surface here as a traceback
+        except SystemExit as e: code = e.code  # argparse's own errors
+        out, err = capsys.readouterr()
+        assert code == 2, (args, code, err)
+        lines = [l for l in err.splitlines() if l.strip() and not l.startswith("usage:") and not l.startswith(" ")]
+        assert len(lines) == 1 and msg in lines[0], (args, err)
+        assert out == "", (args, out)
     assert not (tmp_path / "cache" / "teachers").exists()   # nothing was trained
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(env, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from kdbook.cli import main; sys.exit(main())", "run",
+                          "--epochs", "200", "--teacher-epochs", "2", "--seeds", "1", "--methods", "aver", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not list((out / "runs").glob("ce/*/checkpoints/latest")) and time.time() < deadline: time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, stderr)
+    assert "Traceback" not in stderr and "run the same command again to resume" in stderr, stderr
+    assert list((out / "runs").glob("ce/*/checkpoints/epoch-*")), "the interrupted run's checkpoints were kept"
 
 def test_short_study_table_results_and_report(env, tmp_path):
     out = tmp_path / "out"
@@ -44,23 +93,24 @@ def test_short_study_table_results_and_report(env, tmp_path):
     assert [row["method"] for row in res["summary"]] == ["ce", "aver", "aekd"]
     # run again: every finished run is reused, nothing is retrained
     r2 = kdbook(*args, env=env)
-    assert r2.returncode == 0 and "reusing 6 finished runs" in r2.stdout, r2.stdout
+    assert r2.returncode == 0 and "reused 6 finished runs with the same settings" in r2.stdout, r2.stdout
+    assert "replacing" in r2.stdout and "report.html" in r2.stdout
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None: pytest.skip("no Chromium to open report.html (.ci/run installs it)")
+    browser = chromium()
+    require_system(browser is not None, "Chromium (to open report.html)")
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                           "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('class="main-svg"') >= 2, dom[:2000]   # plotly drew both figures, offline
 
 def test_a_failing_method_is_reported_and_the_others_kept(tmp_path, monkeypatch):
-    class Broken(cli.METHODS["aver"]):
+    class Broken(METHODS["aver"]):
         name = "broken"
         def loss(self, batch, s, t): raise RuntimeError("this method is broken on purpose")
-    monkeypatch.setitem(cli.METHODS, "broken", Broken)
+    monkeypatch.setitem(METHODS, "broken", Broken)
     monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    res = cli.run_study("digits", methods=["aver", "broken"], epochs=1, teacher_epochs=1, seeds=1,
-                        out=tmp_path / "out", log=lambda *a: None)
+    res = cli.preset_study("digits", methods=["aver", "broken"], epochs=1, teacher_epochs=1, seeds=1,
+                           out=tmp_path / "out", log=lambda *a: None)
     assert res["runs"]["aver/0"]["status"] == "ok" and res["runs"]["ce/0"]["status"] == "ok"
     assert res["runs"]["broken/0"]["status"] == "failed"
     assert "this method is broken on purpose" in res["runs"]["broken/0"]["error"]
@@ -68,15 +118,35 @@ def test_a_failing_method_is_reported_and_the_others_kept(tmp_path, monkeypatch)
     assert "broken" in table and "failed" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["aver/0"]["status"] == "ok"
 
-def test_data_lists_every_dataset_and_where():
-    r = kdbook("data")
-    assert r.returncode == 0
-    names = [l.split()[0] for l in r.stdout.splitlines()]
-    assert names == ["digits", "fashion-mnist", "cifar10", "cifar100"]
-    assert "found" in r.stdout
+def test_a_method_registered_in_user_code_runs_from_the_command(tmp_path, monkeypatch, capsys):
+    "`--methods` comes from the registry: a Method registered by the user is a valid name, `--set` included."
+    import torch.nn.functional as F
+    from kdbook.learner import Method, register_method
+    monkeypatch.setattr(learner, "METHODS", dict(METHODS))   # registered for this test only
+    monkeypatch.setattr(cli, "METHODS", learner.METHODS)
+    @register_method
+    class Smoothed(Method):
+        name = "smoothed"
+        def __init__(self, eps: float = 0.1): super().__init__(); self.eps = eps
+        def loss(self, batch, s, t): return {"loss": F.cross_entropy(s.logits, batch[1], label_smoothing=self.eps)}
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["run", "--methods", "smoothed", "--set", "smoothed.eps=0.2", "--epochs", "1", "--teacher-epochs", "1",
+                     "--seeds", "1", "--out", str(tmp_path / "out")])
+    assert code == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["runs"]["smoothed/0"]["status"] == "ok" and res["runs"]["smoothed/0"]["hparams"] == {"eps": 0.2}
+    assert "smoothed" in capsys.readouterr().out
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_data_lists_every_dataset_where_it_is_and_how_to_get_it(tmp_path):
+    r = kdbook("data", env={**os.environ, "HOME": str(tmp_path), "KDBOOK_CACHE": str(tmp_path / "c"), "KDBOOK_DATA": ""})
+    assert r.returncode == 0
+    names = [l.split()[0] for l in r.stdout.splitlines() if not l.startswith(" ")]
+    assert names == ["digits", "fashion-mnist", "cifar10", "cifar100"]
+    assert "found: scikit-learn" in r.stdout
+    assert "load_dataset('cifar100', download=True)" in r.stdout   # a missing dataset says how to get it
+
 def test_fashion_mnist_from_the_debian_copy(env, tmp_path):
+    require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
     r = kdbook("run", "--data", "fashion-mnist", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1",
                "--methods", "aekd", "--out", str(tmp_path / "out"), env=env)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -132,3 +132,73 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     p = atomic_write_text(tmp_path / "x.json", "1")
     atomic_write_text(p, "2")
     assert p.read_text() == "2" and [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+# ---- the method registry and the study runner ----
+from kdbook.learner import METHODS, StudyResult, make_method, register_method, run_study
+import kdbook.learner as learner
+
+
+def test_registry_rejects_a_taken_name_naming_both_classes(monkeypatch):
+    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    class First(Method): name = "dup_name"
+    class Second(Method): name = "dup_name"
+    register_method(First)
+    with pytest.raises(ValueError, match=r"method name 'dup_name' is taken by .*First; give .*Second another name"):
+        register_method(Second)
+    with pytest.raises(TypeError, match="takes a kdbook.learner.Method subclass"):
+        register_method(int)
+
+
+def test_a_user_method_runs_through_the_runner_like_a_builtin(monkeypatch):
+    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    @register_method
+    class Halved(Method):
+        "Cross-entropy scaled by `scale`: a method defined in user code."
+        name = "halved"
+        def __init__(self, scale: float = 0.5): super().__init__(); self.scale = scale
+        def loss(self, batch, s, t): return {"loss": self.scale * torch.nn.functional.cross_entropy(s.logits, batch[1])}
+    ds = load_dataset("digits").subset(400, 100, seed=0)
+    res = run_study(ds, None, "mlp_tiny", ["halved"], seeds=[0], cfg=TrainConfig(epochs=1, batch_size=32),
+                    settings={"halved": {"scale": 0.25}})
+    assert isinstance(res, StudyResult) and list(res.runs) == ["ce/0", "halved/0"]
+    assert res.runs["halved/0"]["status"] == "ok" and res.runs["halved/0"]["hparams"] == {"scale": 0.25}
+    assert isinstance(res.methods["halved/0"], Halved) and res.methods["halved/0"].scale == 0.25
+    assert [r["method"] for r in res.summary()] == ["ce", "halved"]
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    ds = load_dataset("digits").subset(300, 100, seed=0)
+    teachers = train_teachers(["mlp", "mlp"], ds, seeds=[0, 1], cfg=TrainConfig(epochs=1, batch_size=32),
+                              cache=tmp_path_factory.mktemp("teachers"), progress=False, verbose=False)
+    import kdbook.baselines  # noqa: F401  (registers aver)
+    return ds, teachers
+
+
+@pytest.mark.parametrize("change", ["nothing", "epochs", "lr", "method setting", "teachers", "fresh"])
+def test_a_finished_run_is_reused_only_when_every_setting_matches(change, small_study, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    ds, teachers = small_study
+    base = dict(cfg=TrainConfig(epochs=1, batch_size=32), settings={"aver": {"T": 4.0}}, seeds=[0], out=tmp_path / "out")
+    first = run_study(ds, teachers, "mlp_tiny", ["aver"], **base)
+    assert [r["reused"] for r in first.runs.values()] == [False, False]
+    kw = dict(base)
+    if change == "epochs": kw["cfg"] = TrainConfig(epochs=2, batch_size=32)
+    if change == "lr": kw["cfg"] = TrainConfig(epochs=1, batch_size=32, lr=0.1)
+    if change == "method setting": kw["settings"] = {"aver": {"T": 2.0}}
+    if change == "teachers": teachers = teachers[:1]
+    if change == "fresh": kw["fresh"] = True
+    lines = []
+    again = run_study(ds, teachers, "mlp_tiny", ["aver"], log=lines.append, **kw)
+    reused = {k: r["reused"] for k, r in again.runs.items()}
+    if change == "nothing":
+        assert reused == {"ce/0": True, "aver/0": True}
+        assert again.runs["aver/0"]["seconds"] == first.runs["aver/0"]["seconds"]   # the original time, not 0
+    elif change in ("method setting", "teachers"):   # the student alone does not depend on them
+        assert reused == {"ce/0": True, "aver/0": False}
+        assert any("settings changed" in l for l in lines), lines
+    else:
+        assert reused == {"ce/0": False, "aver/0": False}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["runs"]["aver/0"]["key"] == again.runs["aver/0"]["key"]

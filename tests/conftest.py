@@ -1,0 +1,25 @@
+"""Shared test helpers.
+
+Some tests need what only a system package gives (Debian's `dataset-fashion-mnist`, Chromium). On a
+machine with only Python they are skipped with the reason; `.ci/run` installs the packages and sets
+`KDBOOK_REQUIRE_SYSTEM=1`, and then a missing package fails the test instead of skipping it.
+"""
+import os, shutil
+from pathlib import Path
+
+import pytest
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def chromium() -> str | None:
+    "The path of a headless-capable Chromium, or None."
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def require_system(present: bool, what: str) -> None:
+    "Skip (or, under `KDBOOK_REQUIRE_SYSTEM`, fail) the calling test when `what` is not on this machine."
+    if present: return
+    if os.environ.get("KDBOOK_REQUIRE_SYSTEM"):
+        pytest.fail(f"{what} is missing, but KDBOOK_REQUIRE_SYSTEM is set (.ci/run installs it)")
+    pytest.skip(f"{what} is not installed on this machine (.ci/run installs it)")
