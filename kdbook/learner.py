@@ -12,7 +12,7 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'TrainConfig', 'learning_rate',
            'CheckpointCallback', 'dataset_fingerprint', 'teacher_key', 'train_teachers', 'model_fingerprint',
            'StudyResult', 'method_factories', 'run_study']
 
-# %% ../nbs/03_learner.ipynb #5e4a5bf0
+# %% ../nbs/03_learner.ipynb #50ddf426
 import dataclasses, hashlib, inspect, json, math, os, shutil, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +88,7 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
     t = (epoch + step / steps_per_epoch) / cfg.epochs
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
 
-# %% ../nbs/03_learner.ipynb #110f002c
+# %% ../nbs/03_learner.ipynb #56d0619d
 def method_params(cls: type) -> list:
     "The hyper-parameter names of a `Method` class: the arguments of its `__init__`."
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
@@ -96,6 +96,8 @@ def method_params(cls: type) -> list:
 class Method(nn.Module):
     "A training objective. The base class is plain cross-entropy: the student trained alone."
     name = "ce"
+    paper = "the student trained alone (cross-entropy with the labels)"   # where the method comes from (reports)
+    chapter = "learner"      # the book's page that derives it: https://kdbook.github.io/kdbook/<chapter>.html
     needs_teachers = False   # the Distiller runs the TeacherBank each step
     teacher_feats = False    # ... and asks it for feature maps too
 
@@ -117,7 +119,7 @@ class Method(nn.Module):
         "Each `__init__` argument as stored on the object: what a results file records about the method."
         return {p: getattr(self, p) for p in method_params(type(self)) if hasattr(self, p)}
 
-# %% ../nbs/03_learner.ipynb #472aa6d6
+# %% ../nbs/03_learner.ipynb #68061f35
 METHODS: dict = {}
 
 def _qualname(cls: type) -> str: return f"{cls.__module__}.{cls.__qualname__}"
@@ -304,7 +306,7 @@ class LivePlotCallback(Callback):
 
     def after_epoch(self, learn): self._draw(learn)
 
-# %% ../nbs/03_learner.ipynb #b19cb6bc
+# %% ../nbs/03_learner.ipynb #e310a619
 class MetricsLogCallback(Callback):
     "Append each epoch record to `metrics.jsonl`; on resume the file is rewritten from the checkpoint's history."
     def __init__(self, path): self.path = Path(path)
@@ -335,7 +337,7 @@ def _set_rng_state(st: dict, device):
     torch.set_rng_state(st["cpu"])
     if device.type == "cuda" and "cuda" in st: torch.cuda.set_rng_state(st["cuda"], device)
 
-# %% ../nbs/03_learner.ipynb #90f54b3b
+# %% ../nbs/03_learner.ipynb #8b24e5f8
 class Distiller:
     "Train `student` with `method` on `data`, distilling from `teachers`; checkpointed, resumable, logged."
     def __init__(self, student: nn.Module, method: Method | None = None, data: ImageDataset | None = None,
@@ -371,7 +373,7 @@ class Distiller:
         self.history, self.epoch, self.step, self.global_step = [], 0, 0, 0
         self._setup_done = False
 
-# %% ../nbs/03_learner.ipynb #c3e73cb7
+# %% ../nbs/03_learner.ipynb #9c71e35a
 @patch
 def _collect_callbacks(self: Distiller, callbacks, progress, live_plot, resume):
     cbs = list(callbacks)
@@ -387,7 +389,7 @@ def _collect_callbacks(self: Distiller, callbacks, progress, live_plot, resume):
 def _cb(self: Distiller, event: str):
     for cb in self.callbacks: getattr(cb, event)(self)
 
-# %% ../nbs/03_learner.ipynb #2c651865
+# %% ../nbs/03_learner.ipynb #ac61a821
 @patch
 def setup(self: Distiller):
     "Build the method's modules from one batch, the optimizer and the (compiled) forward; resume if asked."
@@ -409,7 +411,7 @@ def setup(self: Distiller):
 def _autocast(self: Distiller):
     return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-# %% ../nbs/03_learner.ipynb #5363e9ed
+# %% ../nbs/03_learner.ipynb #a3b89711
 @patch
 def train_step(self: Distiller, batch) -> dict:
     "One optimisation step on `batch` = (x, y, idx); returns the method's logs (tensors, no host sync)."
@@ -423,7 +425,7 @@ def train_step(self: Distiller, batch) -> dict:
     self.opt.step()
     return logs
 
-# %% ../nbs/03_learner.ipynb #36a1b05f
+# %% ../nbs/03_learner.ipynb #e52c0db5
 @patch
 def _note_finite(self: Distiller, loss: Tensor):
     "Keep, on the device, the global step of the first non-finite loss (-1: none yet)."
@@ -441,7 +443,7 @@ def _check_finite(self: Distiller):
     raise NonFiniteLossError(f"the loss became NaN or inf at epoch {epoch + 1}, step {step + 1} "
                              f"(global step {bad + 1}) of method {self.method.name!r}{where}")
 
-# %% ../nbs/03_learner.ipynb #8c7b7016
+# %% ../nbs/03_learner.ipynb #b8a5b7d5
 @patch
 def _train_epoch(self: Distiller):
     t0 = time.perf_counter()
@@ -483,7 +485,7 @@ def fit(self: Distiller) -> list:
     self._cb("after_fit")
     return self.history
 
-# %% ../nbs/03_learner.ipynb #182a2ac5
+# %% ../nbs/03_learner.ipynb #6eadc748
 @patch
 @torch.no_grad()
 def evaluate(self: Distiller, split: str = "test") -> dict:
@@ -505,7 +507,7 @@ def evaluate(self: Distiller, split: str = "test") -> dict:
     if self.tasks: out["tasks"] = task_accuracy(torch.cat(scores_all), torch.cat(ys), self.tasks)
     return out
 
-# %% ../nbs/03_learner.ipynb #759edb4c
+# %% ../nbs/03_learner.ipynb #3444fcf0
 _RESUME_MAY_DIFFER = ("device", "eval_batch_size", "compile")
 
 class CheckpointCallback(Callback):
@@ -528,7 +530,7 @@ class CheckpointCallback(Callback):
         "Load the newest checkpoint into `learn` when resuming and one exists."
         if self.resume and self.latest() is not None: self.load(learn, self.latest())
 
-# %% ../nbs/03_learner.ipynb #7ee39c1e
+# %% ../nbs/03_learner.ipynb #e9ed0ebc
 @patch
 def save(self: CheckpointCallback, learn) -> Path:
     "Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints."
@@ -567,7 +569,7 @@ def load(self: CheckpointCallback, learn, path) -> None:
     _set_rng_state({k[4:]: v for k, v in rng.items()}, learn.device)
     learn.history, learn.epoch = meta["history"], meta["epoch"]
 
-# %% ../nbs/03_learner.ipynb #a1dc52fc
+# %% ../nbs/03_learner.ipynb #96086e12
 def dataset_fingerprint(data: ImageDataset) -> str:
     "A digest of a dataset's name, shapes, pixels and labels."
     h = hashlib.sha256(data.name.encode())
@@ -586,7 +588,7 @@ def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: st
             "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
-# %% ../nbs/03_learner.ipynb #500f3a52
+# %% ../nbs/03_learner.ipynb #68ba1241
 def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainConfig, folder: Path, fp: str,
                            progress, verbose: bool) -> nn.Module:
     torch.manual_seed(seed)
@@ -626,7 +628,7 @@ def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequen
         out.append(_train_or_load_teacher(arch, seed, data, c, root / teacher_key(arch, data, c, fp), fp, progress, verbose))
     return out
 
-# %% ../nbs/03_learner.ipynb #51b8d53f
+# %% ../nbs/03_learner.ipynb #2438b9e6
 def model_fingerprint(model: nn.Module) -> str:
     "A digest of a model's class and of every parameter and buffer (names, shapes, dtypes, values)."
     h = hashlib.sha256(type(model).__qualname__.encode())
@@ -638,7 +640,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def _digest(spec: dict) -> str: return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-# %% ../nbs/03_learner.ipynb #78d33aee
+# %% ../nbs/03_learner.ipynb #8c436d09
 @dataclass
 class StudyResult:
     "What `run_study` returns: its configuration, one record per (method, seed), and the trained methods."
@@ -669,7 +671,7 @@ class StudyResult:
         "What `results.json` holds."
         return {"config": self.config, "runs": self.runs, "summary": self.summary()}
 
-# %% ../nbs/03_learner.ipynb #433b794d
+# %% ../nbs/03_learner.ipynb #8b40a669
 def method_factories(methods, settings: Mapping) -> dict:
     "label -> a function returning a new Method; every name, parameter and value is checked (before any training)."
     items = list(methods.items()) if isinstance(methods, Mapping) else [(m, m) for m in ([methods] if isinstance(methods, str) else methods)]
@@ -696,7 +698,7 @@ def _finished_runs(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError): return {}
     return {k: r for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and "key" in r}
 
-# %% ../nbs/03_learner.ipynb #bc124bdc
+# %% ../nbs/03_learner.ipynb #ce16170c
 def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
     "The hash of everything that shapes a run's result."
     return _digest({"data": data_fp, "student": model_fingerprint(net), "method": _qualname(type(method)),
@@ -722,7 +724,7 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
         return rec | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                       "seconds": time.perf_counter() - t0}
 
-# %% ../nbs/03_learner.ipynb #a94e0dc6
+# %% ../nbs/03_learner.ipynb #46d0c6f0
 def run_study(data: ImageDataset, # every student trains and is tested on it
               teachers: Sequence[nn.Module] | None, # trained teachers (`train_teachers`); None if no method needs any
               student: str | Callable[[], nn.Module], # a zoo architecture, or a function returning a new student
