@@ -1,67 +1,26 @@
-"""Tests for kdbook.aekd: the capped-simplex solver against a brute-force oracle, scipy, the closed form for
-rank-one G and a reference-free optimality certificate; property tests, the public code's solver, error
-messages, and the method's reductions."""
-import itertools
+"""Tests for kdbook.aekd: the capped-simplex solver against the module's reference oracles (brute force, scipy,
+the closed form for rank-one G) and a reference-free optimality certificate; property tests, the public code's
+solver, error messages, the method's reductions, and the numbers pinned in tests/fixtures/pinned_aekd.json."""
+import ast, json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from scipy.optimize import Bounds, LinearConstraint, minimize
 
-from kdbook.aekd import (AEKD, AEKDFeat, aekd_weights, capped_simplex_min_norm, capped_simplex_projection,
-                         capped_simplex_vertices, normalized_weights, ocsvm_weights)
+import kdbook.aekd
+from kdbook.aekd import (AEKD, AEKDFeat, aekd_weights, brute_force_min_norm, capped_simplex_min_norm,
+                         capped_simplex_projection, capped_simplex_vertices, min_norm_gap_bound, normalized_weights,
+                         ocsvm_weights, rank_one_min_norm, scipy_min_norm, scipy_slack_primal)
 from kdbook.baselines import AVER
-from kdbook.core import softmax_t
+from kdbook.core import kd_logit_grad, softmax_t
 from kdbook.models import ModelOut, TeacherOut
 
-
-def brute_force(G, C):
-    "Best feasible KKT point over all faces (each coordinate at 0, at C, or free)."
-    M = len(G); best = np.inf
-    for lab in itertools.product((0, 1, 2), repeat=M):
-        lab = np.array(lab); free = lab == 2
-        a = np.where(lab == 1, C, 0.0); nf = int(free.sum())
-        if nf == 0:
-            if abs(a.sum() - 1) > 1e-9: continue
-        else:
-            A = np.zeros((nf + 1, nf + 1)); A[:nf, :nf] = G[np.ix_(free, free)]; A[:nf, nf] = -1; A[nf, :nf] = 1
-            rhs = np.concatenate([-G[np.ix_(free, ~free)] @ a[~free], [1 - a.sum()]])
-            sol = np.linalg.lstsq(A, rhs, rcond=None)[0]
-            if np.abs(A @ sol - rhs).max() > 1e-8: continue
-            a[free] = sol[:nf]
-        if a.min() < -1e-9 or a.max() > C + 1e-9: continue
-        best = min(best, 0.5 * a @ G @ a)
-    return best
+PINNED = json.loads((Path(__file__).parent / "fixtures" / "pinned_aekd.json").read_text())
 
 
-def feasible(a, C, tol=1e-9): return abs(a.sum() - 1) <= tol and a.min() >= -tol and a.max() <= C + tol
-
-
-def scipy_ref(G, C):
-    "SLSQP with tight tolerances; where its point is infeasible (it happens with C near 1/M), trust-constr."
-    M = len(G)
-    f, jac = (lambda a: 0.5 * a @ G @ a), (lambda a: G @ a)
-    r = minimize(f, np.full(M, 1 / M), jac=jac, bounds=[(0, C)] * M, method="SLSQP",
-                 constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1, "jac": lambda a: np.ones(M)}],
-                 options=dict(ftol=1e-16, maxiter=2000))
-    if not feasible(r.x, C):
-        r = minimize(f, np.full(M, 1 / M), jac=jac, hess=lambda a: G, method="trust-constr",
-                     constraints=[LinearConstraint(np.ones((1, M)), 1, 1)], bounds=Bounds(0, C),
-                     options=dict(gtol=1e-14, xtol=1e-14, maxiter=5000))
-    assert feasible(r.x, C), "no scipy method returned a feasible point"
-    return f(r.x)
-
-
-def lin_min(v, C):
-    "min of vᵀβ over the capped simplex: fill the smallest entries of v with C each."
-    return float(np.clip(1 - C * np.arange(len(v)), 0, C) @ np.sort(v))
-
-
-def rank_one_exact(c, C):
-    "min ½(cᵀα)² over the capped simplex in closed form: 0 if cᵀα takes both signs there, else the extreme nearest 0."
-    lo, hi = lin_min(c, C), -lin_min(-c, C)
-    return 0.0 if lo <= 0 <= hi else 0.5 * min(lo * lo, hi * hi)
+def value(G, a): return 0.5 * a @ G @ a
 
 
 def instance(rng, M, ks=(1, 2, None, 3)):
@@ -77,22 +36,20 @@ def gap(G, C, f_ref):
     "Relative objective gap to f_ref (floor 1e-9·tr G), after checking feasibility and the Frank-Wolfe certificate."
     a = capped_simplex_min_norm(torch.from_numpy(G), C).numpy()
     assert abs(a.sum() - 1) < 1e-12 and a.min() >= 0 and a.max() <= C + 1e-15
-    f, floor = 0.5 * a @ G @ a, 1e-9 * np.trace(G)
-    g = G @ a
-    # f - f* ≤ gᵀα - min_β gᵀβ (convexity) and f - f* ≤ f (f* ≥ 0): a certificate that needs no reference
-    assert min(g @ a - lin_min(g, C), f) <= 1e-6 * max(f, floor)
+    f, floor = value(G, a), 1e-9 * np.trace(G)
+    assert min_norm_gap_bound(G, a, C) <= 1e-6 * max(f, floor)   # a certificate that needs no reference
     return (f - f_ref) / max(abs(f_ref), floor)
 
 
 def test_brute_force_oracle_small_M():
     rng = np.random.default_rng(0)
-    worst = max(gap(G, C, brute_force(G, C)) for G, C in (instance(rng, M) for M in [2, 3, 5] * 30))
+    worst = max(gap(G, C, value(G, brute_force_min_norm(G, C))) for G, C in (instance(rng, M) for M in [2, 3, 5] * 30))
     assert worst < 1e-6, worst
 
 
 def test_scipy_oracle_large_M():
     rng = np.random.default_rng(1)
-    worst = max(gap(G, C, scipy_ref(G, C)) for G, C in (instance(rng, M, (2, None, 3)) for M in [10] * 20 + [25] * 8))
+    worst = max(gap(G, C, value(G, scipy_min_norm(G, C))) for G, C in (instance(rng, M, (2, None, 3)) for M in [10] * 20 + [25] * 8))
     assert worst < 1e-6, worst
 
 
@@ -104,14 +61,14 @@ def test_rank_one_large_M_exact(M):
     for c in cs[::3]: c[1] = c[0]
     cs += [np.r_[np.ones(M - 1), -3.0], np.r_[np.ones(M // 2), -np.ones(M - M // 2)], np.arange(M) % 3 + 1.0]
     Cs = (1 / M, 1 / M + 1e-3, 0.3, 0.5, 1.0)
-    worst = max(gap(np.outer(c, c), C, rank_one_exact(c, C)) for k, c in enumerate(cs) for C in Cs[k % 2::2])
+    worst = max(gap(np.outer(c, c), C, rank_one_min_norm(c, C)) for k, c in enumerate(cs) for C in Cs[k % 2::2])
     assert worst < 1e-6, worst
 
 
 @pytest.mark.parametrize("M", [10, 25])
 def test_rank_two_large_M(M):
     rng = np.random.default_rng(21 + M)
-    worst = max(gap(G, C, scipy_ref(G, C)) for G, C in (instance(rng, M, (2,)) for _ in range(12)))
+    worst = max(gap(G, C, value(G, scipy_min_norm(G, C))) for G, C in (instance(rng, M, (2,)) for _ in range(12)))
     assert worst < 1e-6, worst
 
 
@@ -206,7 +163,8 @@ def test_kd_gradient_is_step_to_mixture(gran):
     a = a[:, None] if a.dim() == 1 else a
     target = (a[..., None] * softmax_t(v, 4.0)).sum(0)
     torch.testing.assert_close(gz, 4.0 * (softmax_t(z.detach(), 4.0) - target) / 12, rtol=1e-9, atol=1e-12)
-    assert m.alpha_history().shape == (1, 4)
+    assert m.teacher_weight_history().shape == (1, 4)
+    assert float(out["weight_min"]) <= float(out["weight_max"]) <= 0.5 + 1e-6
 
 
 def test_method_validation():
@@ -229,3 +187,57 @@ def test_vertices():
     for v in capped_simplex_vertices(1 / 3): np.testing.assert_allclose(v, [1 / 3] * 3, atol=1e-15)
     assert len(capped_simplex_vertices(0.4)) == 3 and len(capped_simplex_vertices(0.7)) == 6
     for v in capped_simplex_vertices(0.7): assert abs(sum(v) - 1) < 1e-12 and max(v) <= 0.7
+
+
+def test_primal_equals_minus_dual():
+    g = torch.Generator().manual_seed(1)
+    for M, C in ((3, 0.5), (5, 0.3), (5, 1.0)):
+        grads = torch.randn(M, 4, generator=g, dtype=torch.float64) + torch.randn(4, generator=g, dtype=torch.float64)
+        G = grads @ grads.T
+        a = capped_simplex_min_norm(G, C)
+        p_val, d = scipy_slack_primal(grads.numpy(), C)
+        assert abs(p_val + float(value(G, a))) <= 1e-6
+        np.testing.assert_allclose(d, (a @ grads).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [4.0, 3.0])
+def test_weights_are_scale_free(T):
+    "aekd_weights uses Eq. 14's gradients; kd_loss's (T² times those) give the same weights (bit for bit at T = 4)."
+    z, v, _ = _batch()
+    g_kd = T**2 * kd_logit_grad(z.detach(), v, T)
+    batch_gram = capped_simplex_min_norm(g_kd.mean(1) @ g_kd.mean(1).T, 0.5)
+    sample_gram = capped_simplex_min_norm(torch.einsum("mbk,nbk->bmn", g_kd, g_kd), 0.5).T
+    for ours, ref in ((aekd_weights(z.detach(), v, T, 0.5, "batch"), batch_gram),
+                      (aekd_weights(z.detach(), v, T, 0.5, "sample"), sample_gram)):
+        if T == 4.0: assert torch.equal(ours, ref)
+        else: torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_pinned_numbers():
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)
+    p = PINNED["solver"]; grads = f64(p["grads"])
+    torch.testing.assert_close(capped_simplex_min_norm(grads @ grads.transpose(1, 2), p["C"]), f64(p["weights"]), rtol=0, atol=1e-9)
+    p = PINNED["aekd_weights"]; z, v = f64(p["s_logits"]), f64(p["t_logits"])
+    for gran in ("batch", "sample"):
+        torch.testing.assert_close(aekd_weights(z, v, p["T"], p["C"], gran), f64(p[gran]), rtol=0, atol=1e-9)
+    p = PINNED["aekd_loss"]
+    out = AEKD(C=p["C"]).loss((None, torch.tensor(p["labels"]), None), ModelOut([], None, z), TeacherOut(v, None, None))
+    for k in ("loss", "kd", "ce"): assert abs(float(out[k]) - p[k]) <= 1e-9, k
+    for k in ("weight_max", "weight_min"): assert abs(float(out[k]) - p[k]) <= 1e-7, k   # logged in float32
+    p = PINNED["normalized_weights"]
+    torch.testing.assert_close(normalized_weights(f64(p["grads"]), p["C"]), f64(p["weights"]), rtol=0, atol=1e-9)
+
+
+def test_no_long_functions():
+    "The chapter's functions stay small (at most 60 lines each)."
+    tree = ast.parse(Path(kdbook.aekd.__file__).read_text())
+    long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, long
+
+
+def test_teacher_weights_never_called_alpha():
+    assert not hasattr(AEKD, "alpha_history") and not hasattr(kdbook.aekd, "logit_grads")
+    z, v, y = _batch()
+    out = AEKD(C=0.5).loss((None, y, None), ModelOut([], None, z), TeacherOut(v, None, None))
+    assert {"weight_max", "weight_min"} <= set(out) and not any(k.startswith("alpha") for k in out)
