@@ -6,7 +6,7 @@ Docs: https://kdbook.github.io/kdbook/baselines.html.md"""
 
 # %% auto #0
 __all__ = ['MultiTeacherKD', 'AVER', 'entropy_weights', 'EBKD', 'confidence_weights', 'label_cross_entropy', 'FeatureRegressor',
-           'build_regressors', 'FitNetMKD', 'CAMKD', 'pinned_batch']
+           'build_regressors', 'CAMKD', 'FitNetMKD', 'pinned_batch']
 
 # %% ../nbs/04_baselines.ipynb #0187d5a6
 import math
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import kd_loss, upcast
+from .core import check_temperature, multi_teacher_kd_loss, upcast
 from .models import ModelOut
 from .learner import Method, register_method
 
@@ -34,10 +34,9 @@ class MultiTeacherKD(Method):
                  alpha: float = 1.0,        # α, weight of the KD term
                  beta: float = 0.0):        # β, weight of the feature term
         super().__init__()
-        if not isinstance(T, (int, float)) or isinstance(T, bool) or not math.isfinite(T) or T <= 0:
-            raise ValueError(f"temperature T must be a finite number > 0, got {T!r}")
+        T = check_temperature(T)
         for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta)): _check_nonneg(n, v)
-        self.T, self.gamma, self.alpha, self.beta = float(T), float(gamma), float(alpha), float(beta)
+        self.T, self.gamma, self.alpha, self.beta = T, float(gamma), float(alpha), float(beta)
 
     def teacher_weights(self, s_logits: Tensor, t_logits: Tensor, y: Tensor) -> Tensor:
         "Weights `[M, B]` (each column a distribution over teachers); uniform here."
@@ -49,11 +48,11 @@ class MultiTeacherKD(Method):
         return s.logits.new_zeros(())
 
     def loss(self, batch, s, t):
+        "The logged terms `ce`, `kd` (and `feat` when β > 0) and their weighted sum `loss`, all batch means."
         y = batch[1]
         t_logits, z = upcast(t.logits), upcast(s.logits)
         with torch.no_grad(): w = self.teacher_weights(z, t_logits, y)
-        per = kd_loss(z.expand_as(t_logits), t_logits, self.T, "none")   # [M, B]
-        kd = (w * per).sum(0).mean()
+        kd = multi_teacher_kd_loss(z, t_logits, w, self.T, check=False)   # weights [M, B]; batch mean
         ce = F.cross_entropy(z, y)
         out = {"ce": ce, "kd": kd}
         loss = self.gamma * ce + self.alpha * kd
@@ -63,6 +62,7 @@ class MultiTeacherKD(Method):
         out["loss"] = loss
         return out
 
+# %% ../nbs/04_baselines.ipynb #a02f3d94
 @register_method
 class AVER(MultiTeacherKD):
     "AVER: distil from the average of the softened teachers (uniform weights)."
@@ -77,6 +77,7 @@ def entropy_weights(t_logits: Tensor) -> Tensor:
     H = -(logp.exp() * logp).sum(-1)
     return (1 - H / H.sum(0, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)) / (M - 1)
 
+# %% ../nbs/04_baselines.ipynb #88d62dfa
 @register_method
 class EBKD(MultiTeacherKD):
     "EBKD (Kwon et al. 2020): per-sample weights from each teacher's prediction entropy."
@@ -108,6 +109,7 @@ class FeatureRegressor(nn.Module):
                  else F.interpolate(f, size=self.size, mode="bilinear", align_corners=False))
         return self.proj(f)
 
+# %% ../nbs/04_baselines.ipynb #f056777c
 def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1) -> nn.ModuleList:
     "One `FeatureRegressor` per teacher, from the student's feature map `layer` to that teacher's, sized on `batch`."
     x = batch[0]
@@ -115,6 +117,7 @@ def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1) ->
     return nn.ModuleList(FeatureRegressor(fs.shape[1], ft[layer].shape[1], ft[layer].shape[-2:])
                          for ft in bank(x, feats=True).feats)
 
+# %% ../nbs/04_baselines.ipynb #711b708b
 class _FeatureMethod(MultiTeacherKD):
     "A multi-teacher method with one regressor per teacher on the student's feature map `layer`."
     teacher_feats = True
@@ -131,16 +134,7 @@ class _FeatureMethod(MultiTeacherKD):
         fs = s.feats[self.layer]
         return [upcast(r(fs)) for r in self.regressors], [upcast(ft[self.layer]) for ft in t.feats]
 
-@register_method
-class FitNetMKD(_FeatureMethod):
-    "FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through per-teacher regressors."
-    name = "fitnet"
-    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1):
-        super().__init__(T, gamma, alpha, beta, layer)
-    def feature_loss(self, s, t, y):
-        rs, fts = self.regressed(s, t)
-        return torch.stack([F.mse_loss(r, ft) for r, ft in zip(rs, fts)]).mean()
-
+# %% ../nbs/04_baselines.ipynb #dce7b795
 @register_method
 class CAMKD(_FeatureMethod):
     "CA-MKD (Zhang et al. 2022): label-confidence weights on the KD terms and on a regressed-feature MSE."
@@ -152,6 +146,17 @@ class CAMKD(_FeatureMethod):
         w = confidence_weights(label_cross_entropy(o, y))                              # not detached
         mse = torch.stack([(r - ft).pow(2).flatten(1).mean(1) for r, ft in zip(rs, fts)])  # [M, B]
         return (w * mse).sum(0).mean()
+
+# %% ../nbs/04_baselines.ipynb #db4a1fe5
+@register_method
+class FitNetMKD(_FeatureMethod):
+    "FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through per-teacher regressors."
+    name = "fitnet"
+    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1):
+        super().__init__(T, gamma, alpha, beta, layer)
+    def feature_loss(self, s, t, y):
+        rs, fts = self.regressed(s, t)
+        return torch.stack([F.mse_loss(r, ft) for r, ft in zip(rs, fts)]).mean()
 
 # %% ../nbs/04_baselines.ipynb #50c54097
 def pinned_batch():

@@ -1,17 +1,18 @@
-"Module tests of kdbook.baselines: pinned loss values, weight distributions, reduction to AVER, bad hyper-parameters."
+"Module tests of kdbook.baselines: pinned loss values, weight distributions, reduction to AVER, registry names, regressors, bad hyper-parameters."
+import json
+from pathlib import Path
+
 import pytest, torch
 from torch import nn
-from kdbook.learner import METHODS
-from kdbook.baselines import (AVER, CAMKD, EBKD, FeatureRegressor, FitNetMKD, confidence_weights,
-                              entropy_weights, label_cross_entropy, pinned_batch)
+from kdbook.core import multi_teacher_kd_loss
+from kdbook.learner import METHODS, register_method
+from kdbook.baselines import (AVER, CAMKD, EBKD, FeatureRegressor, FitNetMKD, MultiTeacherKD, build_regressors,
+                              confidence_weights, entropy_weights, label_cross_entropy, pinned_batch)
 from kdbook.models import ModelOut, TeacherBank, TeacherOut, create_model
 
-# Computed once (torch 2.15, float64) and written here: a refactor that changes a method's number fails.
-PINNED = {"aver":  {"ce": 2.6611900698, "kd": 2.3333763841, "loss": 4.9945664539},
-          "ebkd":  {"ce": 2.6611900698, "kd": 2.3882634133, "loss": 5.0494534831},
-          "camkd": {"ce": 2.6611900698, "kd": 2.1906578227, "loss": 4.8518478925}}
-PINNED_FEAT = {"fitnet": {"feat": 1.2670237491875, "loss": 131.696941372608},
-               "camkd":  {"feat": 1.3481582491106, "loss": 72.2597603480042}}
+# One fixture, shared with nbs/04_baselines.ipynb: a refactor that changes a method's number fails.
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "pinned_baselines.json").read_text())
+PINNED, PINNED_FEAT = FIXTURE["logit"], FIXTURE["feature"]
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_pinned_logit_losses(name):
@@ -54,6 +55,35 @@ def test_pinned_feature_losses():
     # the KD parts are the logit methods' pinned numbers: the feature term is added, nothing else changes
     assert fit["kd"] == pytest.approx(PINNED["aver"]["kd"], rel=1e-9)
     assert ca["kd"] == pytest.approx(PINNED["camkd"]["kd"], rel=1e-9)
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_kd_term_is_core_multi_teacher_kd_loss(name):
+    z, v, y = pinned_batch()
+    m = METHODS[name](beta=0.0)
+    out = m.loss((None, y, None), ModelOut([], None, z), TeacherOut(v, None, None))
+    assert out["kd"].item() == pytest.approx(multi_teacher_kd_loss(z, v, m.teacher_weights(z, v, y), m.T).item(), rel=1e-12)
+
+def test_registry_names():
+    ours = (AVER, EBKD, CAMKD, FitNetMKD)
+    assert [c.name for c in ours] == ["aver", "ebkd", "camkd", "fitnet"]
+    assert all(METHODS[c.name] is c for c in ours)
+    assert all(cls.name == name for name, cls in METHODS.items())
+    assert MultiTeacherKD.name == "multi_teacher_kd" and MultiTeacherKD.name not in METHODS
+    with pytest.raises(ValueError, match="'aver' is taken by"):
+        register_method(type("AnotherAVER", (MultiTeacherKD,), {"name": "aver"}))
+    assert METHODS["aver"] is AVER
+
+@pytest.mark.parametrize("arch", ["mlp_tiny", "cnn_small"])
+@pytest.mark.parametrize("layer", [0, -1])
+def test_build_regressors_map_to_each_teachers_shape(arch, layer):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    bank = TeacherBank([create_model("cnn_small", 10, 1), create_model("mlp", 10, 1)])
+    student = create_model(arch, 10, 1)
+    regs = build_regressors(student, bank, (x, None, None), layer)
+    assert len(regs) == 2 and all(isinstance(r, FeatureRegressor) for r in regs)
+    fs = student(x).feats[layer]
+    for r, ft in zip(regs, bank(x, feats=True).feats): assert r(fs).shape == ft[layer].shape
 
 @pytest.mark.parametrize("M", [1, 2, 5])
 def test_weights_are_distributions(M):

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kdbook.core import (ce_kd_loss, kd_logit_grad, kd_loss, multi_teacher_kd_loss, soft_cross_entropy,
-                         softmax_t)
+from kdbook.core import (ce_kd_loss, check_temperature, kd_logit_grad, kd_loss, multi_teacher_kd_loss,
+                         soft_cross_entropy, softmax_t, upcast)
 
 B, K, M = 4, 5, 3
 ZS = torch.sin(torch.arange(B * K, dtype=torch.float64)).reshape(B, K) * 2
@@ -65,6 +65,9 @@ def test_autograd_matches_the_closed_form_gradient(z, data, T):
     zt = torch.from_numpy(data.draw(arrays("float64", z.shape, elements=st.floats(-30, 30))))
     grad, = torch.autograd.grad(soft_cross_entropy(zs, softmax_t(zt, T), T, "sum"), zs)
     assert torch.allclose(grad, kd_logit_grad(zs, zt, T), atol=1e-10)
+    # kd_loss carries T²: its per-sample gradient is T² times kd_logit_grad (the unscaled, AE-KD Eq. 14 scale)
+    grad_kd, = torch.autograd.grad(kd_loss(zs, zt, T, "sum"), zs)
+    assert torch.allclose(grad_kd, T**2 * kd_logit_grad(zs, zt, T), atol=1e-10 * max(1.0, T**2))
 
 
 @settings(max_examples=100, deadline=None)
@@ -77,8 +80,28 @@ def test_one_hot_weights_pick_one_teacher(m, b, k, seed):
     assert torch.allclose(multi_teacher_kd_loss(zs, zt, w), kd_loss(zs, zt[j]))
 
 
+def test_check_temperature_returns_a_float():
+    assert check_temperature(4) == 4.0 and type(check_temperature(4)) is float
+    assert check_temperature(torch.tensor(0.5)) == 0.5
+
+
+def test_upcast_half_precision_only():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for dt in (torch.bfloat16, torch.float16, torch.float32): assert upcast(x.to(dt)).dtype == torch.float32
+    assert upcast(x) is x
+
+
+def test_unchecked_weights_give_the_same_value_and_still_check_the_shape():
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert multi_teacher_kd_loss(ZS, ZT, w, check=False).item() == multi_teacher_kd_loss(ZS, ZT, w).item()
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        multi_teacher_kd_loss(ZS, ZT, torch.ones(2), check=False)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: softmax_t(ZS, 0.0), "temperature T must be a finite number > 0, got 0.0"),
+    (lambda: check_temperature(True), "temperature T must be a finite number > 0, got True"),
+    (lambda: check_temperature(torch.ones(2)), "temperature T must be a finite number > 0, got tensor"),
     (lambda: kd_loss(ZS, ZT[0], float("nan")), "temperature T must be a finite number > 0, got nan"),
     (lambda: kd_loss(ZS, ZT[0], 4.0, "mean"), "reduction must be one of ('batchmean', 'sum', 'none'), got 'mean'"),
     (lambda: kd_loss(ZS, ZT[0, :, :3]), "teacher_logits must have the student's shape (4, 5), got (4, 3)"),
