@@ -285,5 +285,4 @@ d = { 'settings': { 'branch': 'main',
                                'kdbook.models.fold_conv_bn': ('models.html#fold_conv_bn', 'kdbook/models.py'),
                                'kdbook.models.global_pool': ('models.html#global_pool', 'kdbook/models.py'),
                                'kdbook.models.init_weights': ('models.html#init_weights', 'kdbook/models.py'),
-                               'kdbook.models.median_times': ('models.html#median_times', 'kdbook/models.py'),
                                'kdbook.models.randomize_bn': ('models.html#randomize_bn', 'kdbook/models.py')}}}
