@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import softmax_t, kd_loss
-from .models import TeacherOut, create_model, median_times
+from .data import median_times
+from .models import TeacherOut, create_model
 from .baselines import MultiTeacherKD, AVER, FeatureRegressor, _full
 
 # %% ../nbs/10_aekd.ipynb #c1d8c0c5
