@@ -20,7 +20,8 @@ from fastcore.basics import patch
 from torch import Tensor
 
 from .core import kd_loss, kd_logit_grad, upcast
-from .models import TeacherOut, create_model, median_times
+from .data import median_times
+from .models import TeacherOut, create_model
 from .learner import register_method
 from .baselines import MultiTeacherKD, AVER, build_regressors
 

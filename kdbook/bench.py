@@ -11,13 +11,13 @@ __all__ = ['synthetic_dataset', 'distill_throughput', 'run_benchmarks', 'format_
 import time
 import torch
 
-from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench_loader
+from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench_loader, device_sync
 from .models import create_model, bench_teacher_bank, randomize_bn
 from .learner import Distiller, Method, TrainConfig, resolve_device
 from .baselines import AVER
 from .aekd import aekd_speed
 
-# %% ../nbs/30_bench.ipynb #ad52df29
+# %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
                       seed: int = 0) -> ImageDataset:
     "Random uint8 images and labels in the shape of a real dataset, for timing the machinery."
@@ -31,6 +31,7 @@ def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: 
     return ImageDataset(f"synthetic{list(shape)}", split(n_train), split(n_test), [str(i) for i in range(n_classes)],
                         (0.5,) * c, (0.25,) * c, pad=4 if shape[-1] >= 32 else 0, flip=shape[-1] >= 32, source="random")
 
+# %% ../nbs/30_bench.ipynb #7f4a64f5
 def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
                        student: str = "resnet20",
                        method: Method | None = None, # the loss (default: AVER)
@@ -47,18 +48,17 @@ def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
     d = Distiller(create_model(student, n_classes, shape[0]), method or AVER(), ds, teachers=tnets,
                   cfg=TrainConfig(epochs=1, batch_size=batch_size, device=device, **cfg), progress=False)
     d.setup()
-    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     d.student.train(); d.method.train()
     batches = iter(d.train_dl)
     for _ in range(3): d.train_step(next(batches))
-    sync(); t = time.perf_counter()
+    device_sync(d.device); t = time.perf_counter()
     for _ in range(steps): d.train_step(next(batches))
-    sync(); secs = time.perf_counter() - t
+    device_sync(d.device); secs = time.perf_counter() - t
     return {"images_per_s": steps * batch_size / secs, "step_ms": 1e3 * secs / steps, "device": str(d.device),
             "teachers": list(teachers), "student": student, "method": d.method.name, "batch_size": batch_size,
             "amp": d.amp, "channels_last": d.channels_last}
 
-# %% ../nbs/30_bench.ipynb #4ce60f84
+# %% ../nbs/30_bench.ipynb #187ef3d5
 def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     "Measure every speed ratio of the book on this machine, in one run."
     dev = resolve_device(device)
@@ -80,6 +80,7 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
                                                shape=(1, 28, 28), n_classes=10, device="cpu")
     return out
 
+# %% ../nbs/30_bench.ipynb #8d6a1a30
 def format_benchmarks(res: dict) -> str:
     "The benchmark results as the lines `kdbook bench` prints."
     m = res["machine"]

@@ -11,8 +11,8 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from kdbook.data import (DATASETS, DatasetFormatError, DatasetNotFoundError, DeviceLoader, ImageDataset, Split,
-                         bench_loader, crop_flip, dataset_locations, exemplar_memory, expert_split, find_dataset,
-                         load_dataset, read_idx)
+                         bench_loader, cache_dir, crop_flip, dataset_locations, device_sync, exemplar_memory,
+                         expert_split, find_dataset, load_dataset, make_loaders, median_times, read_idx)
 import kdbook.data as data
 
 
@@ -25,6 +25,7 @@ def isolated(tmp_path, monkeypatch):
     "No default place holds a copy: HOME, $KDBOOK_DATA and the Debian folder all point into tmp_path."
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("KDBOOK_DATA", raising=False)
+    monkeypatch.delenv("KDBOOK_CACHE", raising=False)
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "debian"))
     return tmp_path
 
@@ -136,6 +137,21 @@ def test_cifar_archive_in_kdbook_data_is_extracted_into_the_cache(isolated, monk
     check_loaded(load_dataset(name, download=False), name, *arrays)
     assert len(ds.classes) == (10 if name == "cifar10" else 100) and ds.classes[3] in ("c3", "f3")
     assert ds.pad == 4 and ds.flip and ds.in_channels == 3 and ds.image_size == 32
+
+
+def test_cache_dir_honours_kdbook_cache(isolated, monkeypatch):
+    assert cache_dir() == isolated / "home/.cache/kdbook" and cache_dir("teachers") == isolated / "home/.cache/kdbook/teachers"
+    monkeypatch.setenv("KDBOOK_CACHE", "")
+    assert cache_dir() == isolated / "home/.cache/kdbook"
+    monkeypatch.setenv("KDBOOK_CACHE", str(isolated / "cache"))
+    assert cache_dir() == isolated / "cache" and cache_dir("teachers") == isolated / "cache/teachers"
+    assert [p for p, _ in dataset_locations("fashion-mnist")][:2] == [str(isolated / "cache/fashion-mnist"),
+                                                                      str(isolated / "cache/FashionMNIST/raw")]
+    monkeypatch.setenv("KDBOOK_DATA", str(isolated / "data"))
+    arrays = write_cifar(isolated / "data", "cifar100", archive=True)
+    ds = load_dataset("cifar100", download=False)  # the archive is extracted into $KDBOOK_CACHE
+    check_loaded(ds, "cifar100", *arrays)
+    assert ds.source == str(isolated / "cache/cifar-100-python") and not (isolated / "home").exists()
 
 
 def test_cifar_folder_through_root(isolated):
@@ -399,6 +415,36 @@ def test_loader_argument_errors(kw, msg):
     args = dict(batch_size=10, train=True, mean=(0.5,), std=(0.25,)) | kw
     with pytest.raises(ValueError, match=msg):
         DeviceLoader(toy_dataset().train, args.pop("batch_size"), **args)
+
+
+def test_make_loaders():
+    ds = toy_dataset(channels=3)  # pad 1, flip
+    tr, te = make_loaders(ds, 16, seed=5)
+    assert (tr.train, tr.pad, tr.flip, tr.seed, tr.batch_size, tr.drop_last, tr.channels_last) == (True, 1, True, 5, 16, True, False)
+    assert (te.train, te.batch_size, te.drop_last, len(te)) == (False, 32, False, 4)
+    assert torch.equal(tr.x, ds.train.x) and torch.equal(te.x, ds.test.x)
+    want = DeviceLoader(ds.train, 16, train=True, mean=ds.mean, std=ds.std, pad=1, flip=True, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(tr)), next(iter(want))))
+    tr, te = make_loaders(ds, 16, augment=False, eval_batch_size=7, channels_last=True)
+    assert (tr.pad, tr.flip, tr.seed, te.batch_size, tr.channels_last, te.channels_last) == (0, False, 0, 7, True, True)
+    assert next(iter(te))[0].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"batch_size 101 is larger than the training split \(100 samples\)"):
+        make_loaders(ds, 101)
+    with pytest.raises(TypeError):
+        make_loaders(ds, 16, "cpu")  # keyword-only options
+
+
+def test_device_sync_and_median_times():
+    cuda = ("cuda", torch.device("cuda", 0)) if torch.cuda.is_available() else ()
+    for dev in ("cpu", torch.device("cpu"), None, *cuda):
+        assert device_sync(dev) is None
+    calls = []
+    fns = [lambda: calls.append(0), lambda: calls.append(1)]
+    times = median_times(fns, reps=4, warmup=2, device="cpu")
+    assert calls == [0, 1] * 6 and len(times) == 2 and all(t >= 0 for t in times)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="reps must be an integer >= 1"):
+            median_times(fns, reps=bad)
 
 
 def test_bench_loader_reports_both_rates_and_their_ratio():

@@ -2,7 +2,9 @@
 import copy
 import pytest, torch
 from torch import nn
-from kdbook.models import MODELS, ModelOut, TeacherBank, count_params, create_model, global_pool, randomize_bn
+import kdbook.data, kdbook.models
+from kdbook.models import (MODELS, ModelOut, TeacherBank, bench_teacher_bank, count_params, create_model, global_pool,
+                           randomize_bn)
 
 # RepDistiller's definitions, 100 classes (the papers print these rounded: resnet20 0.28M, resnet56 0.86M, ...)
 PUBLISHED = {"resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
@@ -48,3 +50,11 @@ def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown model 'resnet9'; valid names: resnet8"): create_model("resnet9", 10)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"): create_model("resnet8", 0)
     assert {"mlp_tiny", "mlp_wide", "mlp28"} <= set(MODELS)
+
+def test_bench_teacher_bank_uses_the_one_timer():
+    assert kdbook.models.median_times is kdbook.data.median_times and "median_times" not in kdbook.models.__all__
+    teachers = [randomize_bn(create_model(n, 10, 1), i) for i, n in enumerate(["resnet8", "cnn_small"])]
+    r = bench_teacher_bank(teachers, torch.randn(4, 1, 8, 8), n_iter=2)
+    assert r["loop_s"] > 0 and r["bank_s"] > 0 and r["ratio"] == pytest.approx(r["loop_s"] / r["bank_s"])
+    assert (r["n_teachers"], r["batch"]) == (2, (4, 1, 8, 8))
+    with pytest.raises(ValueError, match="n_iter must be an integer >= 1, got 0"): bench_teacher_bank(teachers, torch.randn(4, 1, 8, 8), n_iter=0)
