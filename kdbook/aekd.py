@@ -261,6 +261,8 @@ def normalized_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]`
 class AEKD(MultiTeacherKD):
     "AE-KD (Du et al. 2020): teacher weights = min-norm point of the logit gradients on the capped simplex {Σα = 1, 0 ≤ α ≤ C}."
     name = "aekd"
+    paper = "Du et al., NeurIPS 2020: agree to disagree (AE-KD)"
+    chapter = "aekd"
 
     def __init__(self, T: float = 4.0,          # temperature T of the KD terms
                  gamma: float = 1.0,            # γ, weight of the cross-entropy with the labels
@@ -325,6 +327,8 @@ def loss(self: AEKD, batch, s, t):
 class AEKDFeat(AEKD):
     "AE-KD* : AE-KD plus β·Σ α'_m H_m, FitNets hints through per-teacher regressors weighted by the normalised feature-gradient QP."
     name = "aekd_feat"
+    paper = "Du et al., NeurIPS 2020: AE-KD with feature hints (AE-KD*)"
+    chapter = "aekd"
     teacher_feats = True
 
     def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 0.9,

@@ -27,6 +27,8 @@ def _check_nonneg(name, v):
 class MultiTeacherKD(Method):
     "γ·CE + α·Σ_m w_m T²·KL(p_m^T ‖ p_s^T) + β·feature term; uniform weights w_m = 1/M (AVER). A base class, not registered."
     name = "multi_teacher_kd"
+    paper = "the weighted multi-teacher KD loss shared by the baselines"
+    chapter = "baselines"
     needs_teachers = True
 
     def __init__(self, T: float = 4.0,      # temperature T of the KD term
@@ -67,6 +69,8 @@ class MultiTeacherKD(Method):
 class AVER(MultiTeacherKD):
     "AVER: distil from the average of the softened teachers (uniform weights)."
     name = "aver"
+    paper = "You et al., KDD 2017: distil from the average of the teachers"
+    chapter = "baselines"
 
 # %% ../nbs/04_baselines.ipynb #c262e64f
 def entropy_weights(t_logits: Tensor) -> Tensor:
@@ -82,6 +86,8 @@ def entropy_weights(t_logits: Tensor) -> Tensor:
 class EBKD(MultiTeacherKD):
     "EBKD (Kwon et al. 2020): per-sample weights from each teacher's prediction entropy."
     name = "ebkd"
+    paper = "Kwon et al., ICASSP 2020: entropy-based teacher weights"
+    chapter = "baselines"
     def teacher_weights(self, s_logits, t_logits, y): return entropy_weights(t_logits)
 
 # %% ../nbs/04_baselines.ipynb #bf7a704c
@@ -139,6 +145,8 @@ class _FeatureMethod(MultiTeacherKD):
 class CAMKD(_FeatureMethod):
     "CA-MKD (Zhang et al. 2022): label-confidence weights on the KD terms and on a regressed-feature MSE."
     name = "camkd"
+    paper = "Zhang et al., ICASSP 2022: confidence-aware teacher weights (CA-MKD)"
+    chapter = "baselines"
     def teacher_weights(self, s_logits, t_logits, y): return confidence_weights(label_cross_entropy(t_logits, y))
     def feature_loss(self, s, t, y):
         rs, fts = self.regressed(s, t)
@@ -152,6 +160,8 @@ class CAMKD(_FeatureMethod):
 class FitNetMKD(_FeatureMethod):
     "FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through per-teacher regressors."
     name = "fitnet"
+    paper = "Romero et al., ICLR 2015 (FitNets hints), averaged over teachers"
+    chapter = "baselines"
     def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1):
         super().__init__(T, gamma, alpha, beta, layer)
     def feature_loss(self, s, t, y):

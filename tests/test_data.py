@@ -14,6 +14,7 @@ from kdbook.data import (DATASETS, DatasetFormatError, DatasetNotFoundError, Dev
                          bench_loader, cache_dir, crop_flip, dataset_locations, device_sync, exemplar_memory,
                          expert_split, find_dataset, load_dataset, make_loaders, median_times, read_idx)
 import kdbook.data as data
+from conftest import FASHION_MNIST, require_system
 
 
 def test_public_import_from_a_fresh_interpreter():
@@ -235,12 +236,11 @@ def test_digits_is_fixed_and_scaled():
     assert find_dataset("digits") == "scikit-learn (embedded)"
 
 
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN = FASHION_MNIST
 
 
-@pytest.mark.skipif(not (DEBIAN / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
 def test_real_debian_fashion_mnist():
+    require_system((DEBIAN / "train-images-idx3-ubyte.gz").exists(), "Debian's dataset-fashion-mnist")
     ds = load_dataset("fashion-mnist", root=DEBIAN, download=False)
     assert (len(ds.train), len(ds.test)) == (60000, 10000)
     assert ds.train.x.shape[1:] == (1, 28, 28) and ds.test.x.shape[1:] == (1, 28, 28)
