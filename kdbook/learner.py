@@ -711,6 +711,7 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
     t0, out = time.perf_counter(), ctx["out"]
     run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
     rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
+    if ctx["fresh"] and run_dir is not None and run_dir.exists(): shutil.rmtree(run_dir)   # start over: no resume
     try:
         d = Distiller(net, method, ctx["data"], teachers=ctx["teachers"] if method.needs_teachers else None,
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
@@ -734,7 +735,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               settings: Mapping[str, dict] | None = None, # method name -> hyper-parameters, for methods given by name
               baseline: bool = True, # also train the student alone (`ce`), first, unless listed
               out=None, # folder for results.json, checkpoints and reuse (None: nothing written)
-              fresh: bool = False, # ignore finished runs in `out`
+              fresh: bool = False, # ignore finished runs and checkpoints in `out`: train everything again
               tasks: Sequence[Tensor] | None = None, # class ids per task: per-task accuracy (amalgamation)
               on_error: str = "raise", # "raise", or "record" a failed run and go on
               log: Callable | None = None, # e.g. `print`: one line per run
@@ -746,7 +747,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
     cfg, log, out = cfg or TrainConfig(), log or (lambda *a: None), (Path(out) if out is not None else None)
     data_fp, teacher_fps = dataset_fingerprint(data), [model_fingerprint(t) for t in teachers or []]
-    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error)
+    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__}
