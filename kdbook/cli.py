@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
-from .learner import (METHODS, TrainConfig, atomic_write_text, method_factories, method_params, resolve_device,
+from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_param, method_factories, resolve_device,
                             run_study, train_teachers)
 import kdbook.baselines, kdbook.aekd   # noqa: F401 -- importing a chapter registers its methods
 
@@ -68,10 +68,8 @@ def _setting(value: str) -> tuple:
     key, eq, raw = value.partition("=")
     method, dot, param = key.partition(".")
     if not (eq and dot and param): raise argparse.ArgumentTypeError(f"expected METHOD.PARAM=VALUE (e.g. aekd.C=0.8), got {value!r}")
-    if method not in METHODS: raise argparse.ArgumentTypeError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    params = method_params(METHODS[method])
-    if param not in params:
-        raise argparse.ArgumentTypeError(f"method {method!r} has no parameter {param!r}; valid: {', '.join(params) or 'none'}")
+    try: check_method_param(method, param)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
     for conv in (int, float):
         try: return method, param, conv(raw)
         except ValueError: pass
@@ -157,7 +155,7 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=DEFA
     finally: torch.set_num_threads(saved)
     reused = sum(r.get("reused", False) for r in res.runs.values())
     if reused: log(f"reused {reused} finished runs with the same settings from {out / 'results.json'}")
-    result = res.to_json() | {"teachers": info, "teacher_cfg": tcfg.to_dict()}
+    result = res.to_json()
     if (out / "report.html").exists(): log(f"replacing {out / 'report.html'}")
     write_report(result, out / "report.html")
     return result

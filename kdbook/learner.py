@@ -6,11 +6,11 @@ Docs: https://kdbook.github.io/kdbook/learner.html.md"""
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'TrainConfig', 'learning_rate', 'method_params', 'Method', 'register_method',
-           'make_method', 'topk_correct', 'task_accuracy', 'atomic_write_text', 'atomic_write_dir',
-           'optimizer_to_safetensors', 'optimizer_from_safetensors', 'Callback', 'format_record', 'ProgressCallback',
-           'LivePlotCallback', 'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller',
-           'CheckpointCallback', 'dataset_fingerprint', 'teacher_key', 'train_teachers', 'model_fingerprint',
-           'StudyResult', 'method_factories', 'run_study']
+           'check_method_param', 'make_method', 'topk_correct', 'task_accuracy', 'atomic_write_text',
+           'atomic_write_dir', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'Callback', 'format_record',
+           'ProgressCallback', 'LivePlotCallback', 'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device',
+           'Distiller', 'CheckpointCallback', 'dataset_fingerprint', 'teacher_key', 'train_teachers',
+           'model_fingerprint', 'StudyResult', 'method_factories', 'run_study']
 
 # %% ../nbs/03_learner.ipynb #50ddf426
 import dataclasses, hashlib, inspect, json, math, os, shutil, time, traceback
@@ -139,12 +139,17 @@ def register_method(cls: type) -> type:
 
 register_method(Method)
 
-def make_method(name: str, **settings) -> Method:
-    "A new instance of the registered method `name` with hyper-parameters `settings`; errors say what is allowed."
+def check_method_param(name: str, param: str | None = None) -> None:
+    "Raise a ValueError unless `name` is registered (and, if given, `param` is one of its hyper-parameters), listing what is."
     if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
     params = method_params(METHODS[name])
-    for k in settings:
-        if k not in params: raise ValueError(f"method {name!r} has no parameter {k!r}; valid: {', '.join(params) or 'none'}")
+    if param is not None and param not in params:
+        raise ValueError(f"method {name!r} has no parameter {param!r}; valid: {', '.join(params) or 'none'}")
+
+def make_method(name: str, **settings) -> Method:
+    "A new instance of the registered method `name` with hyper-parameters `settings`; errors say what is allowed."
+    check_method_param(name)
+    for k in settings: check_method_param(name, k)
     return METHODS[name](**settings)
 
 # %% ../nbs/03_learner.ipynb #7ea37a24
@@ -647,6 +652,7 @@ class StudyResult:
     config: dict # data and its digest, student, teachers, method labels, seeds, training configuration, version
     runs: dict # "label/seed" -> status, top1, top5, tasks, seconds, history, hparams, key, reused
     methods: dict = field(default_factory=dict) # "label/seed" -> the trained `Method` (runs trained in this call)
+    extra: dict = field(default_factory=dict) # more JSON-able facts for results.json (e.g. the teachers' accuracies)
 
     def top1(self, label: str) -> list:
         "Final top-1 (%) of each finished seed of `label`."
@@ -669,7 +675,7 @@ class StudyResult:
 
     def to_json(self) -> dict:
         "What `results.json` holds."
-        return {"config": self.config, "runs": self.runs, "summary": self.summary()}
+        return {"config": self.config, "runs": self.runs, "summary": self.summary(), **self.extra}
 
 # %% ../nbs/03_learner.ipynb #8b40a669
 def method_factories(methods, settings: Mapping) -> dict:
@@ -751,9 +757,9 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__}
-    res, old = StudyResult(config, {}), ({} if out is None or fresh else _finished_runs(out / "results.json"))
+    res, old = StudyResult(config, {}, extra=dict(extra or {})), ({} if out is None or fresh else _finished_runs(out / "results.json"))
     def save():
-        if out is not None: atomic_write_text(out / "results.json", json.dumps(res.to_json() | (extra or {}), indent=1))
+        if out is not None: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
     for label, make in makers.items():
         for seed in config["seeds"]:
             torch.manual_seed(seed)
