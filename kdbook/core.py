@@ -77,7 +77,7 @@ def kd_logit_grad(student_logits: Tensor, # student logits `[..., K]`
                   teacher_logits: Tensor, # teacher logits, same shape
                   T: float = 4.0, # temperature
                  ) -> Tensor: # per-sample gradient `[..., K]`
-    """Closed-form gradient of the *unscaled* cross-entropy, $\\partial \\mathcal{H}(p^T(v), p^T(z))/\\partial z = (p^T(z) - p^T(v))/T$,
+    """Closed-form gradient of the *unscaled* cross-entropy, $\\partial \\mathcal{H}(p^T(z), p^T(v))/\\partial z = (p^T(z) - p^T(v))/T$,
     per sample (Eq. 4, the scale of AE-KD Eq. 14); the gradient of `kd_loss`, which carries $T^2$, is $T^2$ times it."""
     return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / check_temperature(T)
 
@@ -122,6 +122,6 @@ def ce_kd_loss(student_logits: Tensor, # student logits `[B, K]`
                alpha: float = 0.9, # weight α of the KD term, in [0, 1]
                T: float = 4.0, # temperature of the KD term
               ) -> Tensor:
-    "The usual mixture $(1-\\alpha)\\,\\mathrm{CE}(y, p^1(z)) + \\alpha\\,T^2\\,\\mathrm{KL}(p^T(v)\\|p^T(z))$ (Eq. 8), batch mean."
+    "The usual mixture $(1-\\alpha)\\,\\mathcal{H}(p^1(z), y) + \\alpha\\,T^2\\,\\mathrm{KL}(p^T(v)\\|p^T(z))$ (Eq. 8), batch mean."
     if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     return (1 - alpha) * F.cross_entropy(student_logits, targets) + alpha * kd_loss(student_logits, teacher_logits, T)

@@ -115,6 +115,10 @@ class Method(nn.Module):
         "Class scores used for accuracy."
         return s.logits
 
+    def record(self) -> dict:
+        "JSON-able facts about the finished run kept in its record in results.json (e.g. AE-KD's teacher weights); none here."
+        return {}
+
     def hparams(self) -> dict:
         "Each `__init__` argument as stored on the object: what a results file records about the method."
         return {p: getattr(self, p) for p in method_params(type(self)) if hasattr(self, p)}
@@ -724,7 +728,7 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
                       progress=False, tasks=ctx["tasks"])
         last = d.fit()[-1]
         return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"),
-                      "seconds": time.perf_counter() - t0, "reused": False,
+                      "seconds": time.perf_counter() - t0, "reused": False, "record": method.record(),
                       "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
     except Exception as e:   # KeyboardInterrupt is no Exception: it stops the study, finished runs stay on disk
         if ctx["on_error"] == "raise": raise

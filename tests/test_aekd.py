@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import kdbook.aekd
 from kdbook.aekd import (AEKD, AEKDFeat, aekd_weights, brute_force_min_norm, capped_simplex_min_norm,
-                         capped_simplex_projection, capped_simplex_vertices, min_norm_gap_bound, normalized_weights,
+                         capped_simplex_projection, capped_simplex_vertices, hint_weights, min_norm_gap_bound, normalized_weights,
                          ocsvm_weights, rank_one_min_norm, scipy_min_norm, scipy_slack_primal)
 from kdbook.baselines import AVER
 from kdbook.core import kd_logit_grad, softmax_t
@@ -153,13 +153,13 @@ def test_aekd_reduces_to_aver():
                        AVER(4.0, 0.5, 0.7).loss((None, y, None), s, t)["loss"].detach())
 
 
-@pytest.mark.parametrize("gran", ["batch", "sample"])
-def test_kd_gradient_is_step_to_mixture(gran):
+@pytest.mark.parametrize("gram", ["sum", "mean", "sample"])
+def test_kd_gradient_is_step_to_mixture(gram):
     z, v, y = _batch()
-    m = AEKD(C=0.5, gamma=0.0, alpha=1.0, granularity=gran)
+    m = AEKD(C=0.5, gamma=0.0, alpha=1.0, gram=gram)
     out = m.loss((None, y, None), ModelOut([], None, z), TeacherOut(v, None, None))
     (gz,) = torch.autograd.grad(out["kd"], z)
-    a = aekd_weights(z.detach(), v, 4.0, 0.5, gran)
+    a = aekd_weights(z.detach(), v, 4.0, 0.5, gram)
     a = a[:, None] if a.dim() == 1 else a
     target = (a[..., None] * softmax_t(v, 4.0)).sum(0)
     torch.testing.assert_close(gz, 4.0 * (softmax_t(z.detach(), 4.0) - target) / 12, rtol=1e-9, atol=1e-12)
@@ -171,16 +171,22 @@ def test_method_validation():
     z, v, y = _batch()
     with pytest.raises(ValueError, match=r"C must be in \[1/M, 1\] = \[0.25, 1\] for M=4 teachers, got C=0.2"):
         AEKD(C=0.2).loss((None, y, None), ModelOut([], None, z), TeacherOut(v, None, None))
-    with pytest.raises(ValueError, match="granularity must be 'batch' or 'sample'"): AEKD(granularity="x")
+    with pytest.raises(ValueError, match="gram must be one of 'sum', 'mean', 'sample', got 'x'"): AEKD(gram="x")
+    with pytest.raises(ValueError, match="hint_form must be one of 'paper', 'code', got 'x'"): AEKDFeat(hint_form="x")
+    assert AEKD().gram == "sum" and AEKDFeat().hint_form == "paper"
     assert AEKDFeat().beta == 100.0 and AEKD().beta == 0.0 and AEKD().C == 0.6 and AEKD().alpha == 0.9
 
 
-def test_normalized_weights_sum_to_one():
+def test_hint_weights_sum_to_one_and_the_paper_form_respects_the_cap():
     g = torch.Generator().manual_seed(9)
-    grads = torch.randn(3, 4, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64)[:, None, None]
-    w = normalized_weights(grads, 0.5)
-    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
-    assert (w > 0).all()
+    grads = torch.randn(3, 4, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.02], dtype=torch.float64)[:, None, None]
+    for form in ("paper", "code"):
+        w = hint_weights(grads, 0.5, form)
+        torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert (w >= 0).all()
+    assert hint_weights(grads, 0.5, "paper").max() <= 0.5 + 1e-12 < hint_weights(grads, 0.5, "code").max()   # the code's can exceed C
+    torch.testing.assert_close(hint_weights(grads, 0.5, "code"), normalized_weights(grads, 0.5))
+    assert hint_weights(grads.to(torch.bfloat16), 0.5).dtype == torch.float32                # bf16 gradients: weights in float32
 
 
 def test_vertices():
@@ -195,9 +201,10 @@ def test_primal_equals_minus_dual():
         grads = torch.randn(M, 4, generator=g, dtype=torch.float64) + torch.randn(4, generator=g, dtype=torch.float64)
         G = grads @ grads.T
         a = capped_simplex_min_norm(G, C)
-        p_val, d = scipy_slack_primal(grads.numpy(), C)
+        p_val, d, v, xi = scipy_slack_primal(grads.numpy(), C)
         assert abs(p_val + float(value(G, a))) <= 1e-6
-        np.testing.assert_allclose(d, (a @ grads).numpy(), atol=1e-5)
+        np.testing.assert_allclose(d, -(a @ grads).numpy(), atol=1e-5)                 # Eq. 11
+        assert abs(v + d @ d + C * xi.sum()) <= 1e-5                                   # Eq. 12 holds with equality
 
 
 @pytest.mark.parametrize("T", [4.0, 3.0])
@@ -205,9 +212,10 @@ def test_weights_are_scale_free(T):
     "aekd_weights uses Eq. 14's gradients; kd_loss's (T² times those) give the same weights (bit for bit at T = 4)."
     z, v, _ = _batch()
     g_kd = T**2 * kd_logit_grad(z.detach(), v, T)
-    batch_gram = capped_simplex_min_norm(g_kd.mean(1) @ g_kd.mean(1).T, 0.5)
+    sum_gram = capped_simplex_min_norm(torch.einsum("mbk,nbk->mn", g_kd, g_kd), 0.5)
+    mean_gram = capped_simplex_min_norm(g_kd.mean(1) @ g_kd.mean(1).T, 0.5)
     sample_gram = capped_simplex_min_norm(torch.einsum("mbk,nbk->bmn", g_kd, g_kd), 0.5).T
-    for ours, ref in ((aekd_weights(z.detach(), v, T, 0.5, "batch"), batch_gram),
+    for ours, ref in ((aekd_weights(z.detach(), v, T, 0.5, "sum"), sum_gram), (aekd_weights(z.detach(), v, T, 0.5, "mean"), mean_gram),
                       (aekd_weights(z.detach(), v, T, 0.5, "sample"), sample_gram)):
         if T == 4.0: assert torch.equal(ours, ref)
         else: torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
@@ -218,10 +226,10 @@ def test_pinned_numbers():
     p = PINNED["solver"]; grads = f64(p["grads"])
     torch.testing.assert_close(capped_simplex_min_norm(grads @ grads.transpose(1, 2), p["C"]), f64(p["weights"]), rtol=0, atol=1e-9)
     p = PINNED["aekd_weights"]; z, v = f64(p["s_logits"]), f64(p["t_logits"])
-    for gran in ("batch", "sample"):
-        torch.testing.assert_close(aekd_weights(z, v, p["T"], p["C"], gran), f64(p[gran]), rtol=0, atol=1e-9)
+    for gram in ("sum", "mean", "sample"):
+        torch.testing.assert_close(aekd_weights(z, v, p["T"], p["C"], gram), f64(p[gram]), rtol=0, atol=1e-9)
     p = PINNED["aekd_loss"]
-    out = AEKD(C=p["C"]).loss((None, torch.tensor(p["labels"]), None), ModelOut([], None, z), TeacherOut(v, None, None))
+    out = AEKD(C=p["C"], gram=p["gram"]).loss((None, torch.tensor(p["labels"]), None), ModelOut([], None, z), TeacherOut(v, None, None))
     for k in ("loss", "kd", "ce"): assert abs(float(out[k]) - p[k]) <= 1e-9, k
     for k in ("weight_max", "weight_min"): assert abs(float(out[k]) - p[k]) <= 1e-7, k   # logged in float32
     p = PINNED["normalized_weights"]

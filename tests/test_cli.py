@@ -41,7 +41,7 @@ def _bad_inputs(tmp):
         (["run", "--set", "aekd.C=5", "--methods", "aekd"], "C must be a number in (0, 1]"),
         (["run", "--set", "aekd.C=0.5", "--methods", "aver"], "settings given for method 'aekd', which this study does not run"),
         (["run", "--set", "aver.T=-1", "--methods", "aver"], "temperature T must be a finite number > 0, got -1"),
-        (["run", "--set", "aekd.granularity=pixel", "--methods", "aekd"], "granularity must be 'batch' or 'sample'"),
+        (["run", "--set", "aekd.gram=pixel", "--methods", "aekd"], "gram must be one of 'sum', 'mean', 'sample', got 'pixel'"),
         (["run", "--device", "tpu"], "TrainConfig.device must be"),
         (["run", "--out", str(tmp / "a_file")], "is a file, not a folder"),
         (["run", "--out", str(tmp / "a_file" / "sub")], "is a file, not a folder (it is under"),
@@ -155,7 +155,7 @@ def test_fashion_mnist_from_the_debian_copy(env, tmp_path):
     assert res["runs"]["aekd/0"]["top1"] > 50
 
 def test_cifar100_recipe_command_on_a_small_archive_in_the_real_format(tmp_path):
-    "The paper's CIFAR-100 recipe is the preset; its command path runs here on a tiny archive in CIFAR's format."
+    "The CIFAR-100 preset is the public AE-KD code's schedule; its command path, and the paper's recipe's, run here on a tiny archive in CIFAR's format."
     sys.path.insert(0, str(Path(__file__).parent))
     from test_data import write_cifar
     from kdbook.learner import TrainConfig, learning_rate
@@ -172,3 +172,9 @@ def test_cifar100_recipe_command_on_a_small_archive_in_the_real_format(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok", "aver/0": "ok", "aekd/0": "ok", "aekd_feat/0": "ok"}
+    r = kdbook("run", "--data", "cifar100", "--recipe", "aekd-paper", "--teachers", "resnet8", "--student", "resnet8",
+               "--methods", "aekd", "--epochs", "2", "--teacher-epochs", "1", "--seeds", "1", "--batch-size", "4",
+               "--out", str(tmp_path / "paper"), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "paper" / "results.json").read_text())
+    assert res["config"]["cfg"]["milestones"] == [150 / 350, 200 / 350, 250 / 350, 300 / 350] and res["config"]["cfg"]["epochs"] == 2
