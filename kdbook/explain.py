@@ -10,7 +10,7 @@ __all__ = ['resolve_layer', 'check_target', 'layer_output_shape', 'grad_cam', 'g
            'map_agreement', 'agreement_table', 'KeepStudents', 'method_bars', 'study_curves', 'curves_figure',
            'map_grid', 'agreement_widget', 'gradcam_speed']
 
-# %% ../nbs/05_explain.ipynb #57fea939
+# %% ../nbs/05_explain.ipynb #4fd7310a
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch import Tensor
 from .data import median_times
 from .models import ModelOut, create_model
 
-# %% ../nbs/05_explain.ipynb #304fffaf
+# %% ../nbs/05_explain.ipynb #da53b85b
 class _Logits(nn.Module):
     "A zoo model seen as a function of the input that returns logits (what captum calls)."
     def __init__(self, model: nn.Module):
@@ -62,7 +62,7 @@ def resolve_layer(model: nn.Module, layer=None) -> nn.Module:
         return layer
     raise ValueError(f"layer must be {allowed}; got {layer!r}")
 
-# %% ../nbs/05_explain.ipynb #55552f78
+# %% ../nbs/05_explain.ipynb #434f3e24
 def check_target(target, n: int, num_classes: int, device) -> Tensor:
     "`target` (an int or `n` class indices) as an int64 tensor `[n]`, or a ValueError naming the bad value and the range."
     t = torch.as_tensor(target, device=device)
@@ -80,7 +80,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
     if isinstance(head, nn.Linear): return head.out_features
     with _EvalMode(model), torch.no_grad(): return _Logits(model)(x[:1]).shape[-1]
 
-# %% ../nbs/05_explain.ipynb #022c7bd1
+# %% ../nbs/05_explain.ipynb #3f825997
 def layer_output_shape(model: nn.Module, x: Tensor, layer=None) -> tuple:
     "The shape `[1, C, h, w]` of what `layer` outputs for the first image of `x` (one forward pass, no grad)."
     module, seen = resolve_layer(model, layer), []
@@ -103,7 +103,7 @@ def _check_maps(model, x, layer, module) -> None:
         raise ValueError(f"{type(model).__name__} has no feature maps to attribute: {name} outputs {list(shape)}, "
                          "and Grad-CAM needs a map [B, C, h, w] with h·w ≥ 2; use integrated_gradients for this model")
 
-# %% ../nbs/05_explain.ipynb #5a81fb7a
+# %% ../nbs/05_explain.ipynb #285ad0ea
 def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module returning logits
              x: Tensor, # images `[B, C, H, W]`, normalised as the model was trained
              target, # the class to explain: an int, or one class index per image `[B]`
@@ -118,7 +118,7 @@ def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module 
         cam = LayerGradCam(_Logits(model), module).attribute(x, target=t, relu_attributions=True)
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
-# %% ../nbs/05_explain.ipynb #8eba0c4a
+# %% ../nbs/05_explain.ipynb #08fb4091
 def grad_cam_loop(model: nn.Module, x: Tensor, target, layer=None) -> Tensor:
     "The same maps one image at a time, as captum's tutorials call `LayerGradCam` (the speed comparison's baseline)."
     from captum.attr import LayerAttribution, LayerGradCam
@@ -132,7 +132,7 @@ def grad_cam_loop(model: nn.Module, x: Tensor, target, layer=None) -> Tensor:
             maps.append(LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0])
     return torch.cat(maps)
 
-# %% ../nbs/05_explain.ipynb #65c23cc7
+# %% ../nbs/05_explain.ipynb #4f0652fe
 def integrated_gradients(model: nn.Module, # any model (the MLPs included)
                          x: Tensor, # images `[B, C, H, W]`
                          target, # an int or one class index per image
@@ -149,7 +149,7 @@ def integrated_gradients(model: nn.Module, # any model (the MLPs included)
                                                                     return_convergence_delta=True)
     return attr.detach(), delta.detach()
 
-# %% ../nbs/05_explain.ipynb #e5cc7521
+# %% ../nbs/05_explain.ipynb #e6af87f7
 def has_feature_maps(model: nn.Module, x: Tensor, layer=None) -> bool:
     "Whether `layer` (default: the last stage) outputs spatial maps `[B, C, h, w]` with h·w ≥ 2, so that Grad-CAM applies."
     shape = layer_output_shape(model, x.to(next(model.parameters()).device), layer)
@@ -172,7 +172,7 @@ def explain_maps(models: Mapping[str, nn.Module], # name -> model; each is expla
     return {name: torch.cat([attribution_map(m, x[i:i + batch_size], t[i:i + batch_size]).cpu()
                              for i in range(0, len(x), batch_size)]) for name, m in models.items()}
 
-# %% ../nbs/05_explain.ipynb #0f92c3ac
+# %% ../nbs/05_explain.ipynb #7eb905b8
 def average_ranks(v: Tensor, # values `[B, N]`, ranked along the last dimension
                  ) -> Tensor: # ranks 1..N `[B, N]` in float64; tied values share the mean of their ranks
     "Ranks of each row with ties averaged (as Spearman's coefficient needs), batched: one sort, two scatters."
@@ -193,7 +193,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     den = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
     return torch.where(den > 0, (ra * rb).sum(-1) / den.clamp_min(1e-300), float("nan"))
 
-# %% ../nbs/05_explain.ipynb #4658482e
+# %% ../nbs/05_explain.ipynb #b87f2820
 def top_mask(a: Tensor, top: float) -> Tensor:
     "The `top` fraction of the pixels of each map `[B, ...]` with the largest values, as a bool mask (ties go to the earlier pixel)."
     flat = a.flatten(1)
@@ -220,7 +220,7 @@ def map_agreement(a: Tensor, # maps `[B, H, W]` (e.g. the student's)
     top = _check_top(top)
     return {"spearman": spearman(a, b), "iou": top_iou(a, b, top)}
 
-# %% ../nbs/05_explain.ipynb #5354562b
+# %% ../nbs/05_explain.ipynb #0d4eeb6f
 def agreement_table(student_maps: Tensor, # the student's maps `[N, H, W]`
                     teacher_maps: Mapping[str, Tensor], # teacher name -> its maps `[N, H, W]` on the same images
                     top: float = 0.1,
@@ -236,7 +236,7 @@ def agreement_table(student_maps: Tensor, # the student's maps `[N, H, W]`
         rows.append(row)
     return rows
 
-# %% ../nbs/05_explain.ipynb #14507914
+# %% ../nbs/05_explain.ipynb #8f9655ca
 class KeepStudents:
     "A student factory for `run_study` that keeps every network it makes, so their maps can be drawn after the study."
     def __init__(self, make): # a function returning a new student network
@@ -254,7 +254,7 @@ class KeepStudents:
                              "use a new KeepStudents for each run_study")
         return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] == "ok" and not r.get("reused")}
 
-# %% ../nbs/05_explain.ipynb #a88b9eb2
+# %% ../nbs/05_explain.ipynb #c5ba2097
 def _finish(fig, widget: bool):
     "The figure, or a live `FigureWidget` of it (JupyterLab)."
     import plotly.graph_objects as go
@@ -287,7 +287,7 @@ def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method,
     fig.update_layout(title=title, yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40), showlegend=bool(marks))
     return _finish(fig, widget)
 
-# %% ../nbs/05_explain.ipynb #0dc0716f
+# %% ../nbs/05_explain.ipynb #83503af3
 def study_curves(study, # a `StudyResult`, or the dict of a `results.json`
                  key: str = "test_top1", # the per-epoch record to draw ("test_top1", "train_loss")
                 ) -> dict: # method label -> one list of values per finished seed
@@ -322,7 +322,7 @@ def curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], # label -> on
     fig.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40))
     return _finish(fig, widget)
 
-# %% ../nbs/05_explain.ipynb #a4733b84
+# %% ../nbs/05_explain.ipynb #f7283cc5
 def _to_uint8(a: Tensor) -> np.ndarray:
     "Each image `[N, H, W]` scaled to 0..255 by its own min and max (small to store, as plotly keeps integer arrays binary)."
     a = a.detach().double().cpu()
@@ -354,7 +354,7 @@ def map_grid(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`, any scale (
     fig.update_layout(height=cell * N + 60, width=cell * len(cols) + 80, margin=dict(t=40, b=10, l=10, r=30))
     return _finish(fig, widget)
 
-# %% ../nbs/05_explain.ipynb #2bd4cdcc
+# %% ../nbs/05_explain.ipynb #f0eac380
 def agreement_widget(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
                      student_maps: Mapping[str, Tensor], # student name (e.g. a method) -> maps `[N, H, W]`
                      teacher_maps: Mapping[str, Tensor], # teacher name -> maps `[N, H, W]`
@@ -384,7 +384,7 @@ def agreement_widget(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
     for w in (pick_image, pick_student, pick_teacher): w.observe(redraw, names="value")
     return widgets.VBox([widgets.HBox([pick_image, pick_student, pick_teacher]), fig])
 
-# %% ../nbs/05_explain.ipynb #47ac080e
+# %% ../nbs/05_explain.ipynb #7da953d2
 def gradcam_speed(arch: str = "cnn_small", # the zoo model explained
                   n: int = 1000, # images, explained in one pass (ours) and one at a time (captum's tutorials)
                   shape: tuple = (1, 28, 28), num_classes: int = 10,
