@@ -15,6 +15,7 @@ from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench
 from .models import create_model, bench_teacher_bank, randomize_bn
 from .learner import Distiller, Method, TrainConfig, resolve_device
 from .baselines import AVER
+from .explain import gradcam_speed
 from .aekd import aekd_speed
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
@@ -72,6 +73,7 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     out["teacher_bank"] = bench_teacher_bank([t.to(dev) for t in teachers], x, n_iter=3 if quick else 30)
     for M in (5, 25):
         out[f"aekd_M{M}"] = aekd_speed(M=M, batch=64, reps=3 if quick else 15, n_qp=8 if quick else 32, device=str(dev))
+    out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
                                                device=str(dev))
@@ -101,6 +103,10 @@ def format_benchmarks(res: dict) -> str:
                          f"CPU one-class SVM, {1e3 * a['t_public']:.1f} ms)")
             lines.append(f"batched solver vs SLSQP      {a['qp_speedup']:6.1f}x   (M={a['M']}, per problem: "
                          f"{1e6 * a['t_qp_ours']:.0f} vs {1e6 * a['t_qp_slsqp']:.0f} µs)")
+    if "gradcam" in res:
+        c = res["gradcam"]
+        lines.append(f"Grad-CAM batched vs per image {c['ratio']:5.1f}x   ({c['n']} images, {c['arch']}: one pass {c['batched_s']:.2f} s "
+                     f"vs one attribute call per image {c['loop_s']:.2f} s)")
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "

@@ -207,24 +207,9 @@ def format_table(rows: list) -> str:
 
 # %% ../nbs/90_cli.ipynb #b1437144
 def report_figures(result: dict) -> list:
-    "Plotly figures for the report: top-1 per method (mean ± std) and mean test accuracy per epoch."
-    import plotly.graph_objects as go
-    rows = [r for r in result["summary"] if r["mean"] is not None]
-    bar = go.Figure(go.Bar(x=["student" if r["method"] == "ce" else r["method"] for r in rows], y=[r["mean"] for r in rows],
-                           error_y=dict(type="data", array=[r["std"] for r in rows])))
-    lo = min(r["mean"] - r["std"] for r in rows) if rows else 0
-    bar.update_layout(title="Student top-1 (mean ± std over seeds)", yaxis_title="top-1 (%)",
-                      yaxis_range=[max(0, lo - 3), 100], height=380)
-    curves = go.Figure()
-    for name in result["config"]["methods"]:
-        hs = [r["history"] for r in result["runs"].values() if r["method"] == name and r["status"] == "ok"]
-        if not hs: continue
-        acc = np.mean([[e["test_top1"] for e in h] for h in hs], axis=0)
-        curves.add_scatter(x=list(range(1, len(acc) + 1)), y=acc.tolist(), mode="lines",
-                           name="student" if name == "ce" else name)
-    curves.update_layout(title="Test top-1 during training (mean over seeds)", xaxis_title="epoch",
-                         yaxis_title="top-1 (%)", height=380)
-    return [bar, curves]
+    "Plotly figures for the report, drawn by chapter 05's shared figures: top-1 per method (mean ± std) and the test curves."
+    from kdbook.explain import curves_figure, method_bars, study_curves
+    return [method_bars(result["summary"], height=380), curves_figure(study_curves(result), height=380)]
 
 BOOK_URL = "https://kdbook.github.io/kdbook"
 
