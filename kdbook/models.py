@@ -295,6 +295,7 @@ MODELS: dict[str, Callable[..., ZooModel]] = {
     "mlp_wide": partial(MLP, hidden=512),
     "mlp28": partial(MLP, grid=28),
     "cnn_small": SmallCNN,
+    "cnn_tiny": partial(SmallCNN, widths=(8, 16, 32)),
 }
 
 def create_model(name: str, # a key of `MODELS`

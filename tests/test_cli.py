@@ -172,7 +172,7 @@ def test_cifar100_recipe_command_on_a_small_archive_in_the_real_format(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok", "aver/0": "ok", "aekd/0": "ok", "aekd_feat/0": "ok"}
-    r = kdbook("run", "--data", "cifar100", "--recipe", "aekd-paper", "--teachers", "resnet8", "--student", "resnet8",
+    r = kdbook("run", "--data", "cifar100", "--recipe", "aekd-paper", "--teachers", "resnet8,resnet8", "--student", "resnet8",
                "--methods", "aekd", "--epochs", "2", "--teacher-epochs", "1", "--seeds", "1", "--batch-size", "4",
                "--out", str(tmp_path / "paper"), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
