@@ -167,6 +167,23 @@ def test_a_user_method_runs_through_the_runner_like_a_builtin(monkeypatch):
     assert [r["method"] for r in res.summary()] == ["ce", "halved"]
 
 
+def test_a_methods_record_is_kept_in_results_json_and_survives_reuse(tmp_path):
+    "Method.record() lands in the run's entry of results.json; a reused run keeps it (AE-KD's teacher weights use this)."
+    class Counted(Method):
+        name = "counted"
+        def __init__(self): super().__init__(); self.steps = 0
+        def after_step(self, learner): self.steps += 1
+        def record(self): return {"steps": self.steps}
+    ds = load_dataset("digits").subset(320, 100, seed=0)
+    kw = dict(seeds=[0], cfg=TrainConfig(epochs=1, batch_size=32), baseline=False, out=tmp_path / "out")
+    first = run_study(ds, None, "mlp_tiny", {"counted": Counted}, **kw)
+    assert first.runs["counted/0"]["record"] == {"steps": 10}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["counted/0"]["record"] == {"steps": 10}
+    again = run_study(ds, None, "mlp_tiny", {"counted": Counted}, **kw)
+    assert again.runs["counted/0"]["reused"] and again.runs["counted/0"]["record"] == {"steps": 10}
+    assert run_study(ds, None, "mlp_tiny", {"ce": Method}, **kw | {"out": None}).runs["ce/0"]["record"] == {}
+
+
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
     ds = load_dataset("digits").subset(300, 100, seed=0)
