@@ -100,9 +100,13 @@ class Method(nn.Module):
     chapter = "learner"      # the book's page that derives it: https://kdbook.github.io/kdbook/<chapter>.html
     needs_teachers = False   # the Distiller runs the TeacherBank each step
     teacher_feats = False    # ... and asks it for feature maps too
+    teacher_outputs = True   # False: the method uses the teachers only in `setup`/`prepare` (a reused classifier, statistics), so no step runs them
 
     def setup(self, student: nn.Module, bank: TeacherBank | None, batch: tuple) -> None:
         "Build modules whose shapes depend on the networks, from one sample `batch`."
+
+    def prepare(self, learner: "Distiller") -> None:
+        "Called once after `setup`, before training (and before a resume's restore): a pass over `learner.data` for statistics of the frozen teachers."
 
     def loss(self, batch: tuple, s: ModelOut, t: TeacherOut | None) -> dict:
         "A dict of 0-dim tensors: `loss` is minimised, the rest are logged."
@@ -405,8 +409,10 @@ def setup(self: Distiller):
     torch.manual_seed(self.cfg.seed)
     sample = next(iter(self.train_dl))
     self.method.to(self.device)
-    with torch.no_grad(): self.method.setup(self.student, self.bank, sample)
-    self.method.to(self.device)
+    with torch.no_grad():
+        self.method.setup(self.student, self.bank, sample)
+        self.method.to(self.device)
+        self.method.prepare(self)
     params = [p for p in [*self.student.parameters(), *self.method.parameters()] if p.requires_grad]
     c = self.cfg
     if c.optimizer == "sgd":
@@ -427,7 +433,8 @@ def train_step(self: Distiller, batch) -> dict:
     x = batch[0]
     with self._autocast():
         s = self.forward(x)
-        t = self.bank(x, feats=self.method.teacher_feats) if self.bank is not None else None
+        run_bank = self.bank is not None and self.method.teacher_outputs
+        t = self.bank(x, feats=self.method.teacher_feats) if run_bank else None
         logs = self.method.loss(batch, s, t)
     self.opt.zero_grad(set_to_none=True)
     logs["loss"].backward()
