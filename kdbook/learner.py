@@ -132,15 +132,19 @@ METHODS: dict = {}
 
 def _qualname(cls: type) -> str: return f"{cls.__module__}.{cls.__qualname__}"
 
+def _same_definition(a: type, b: type) -> bool:
+    "A class run from its chapter's notebook (module `__main__`) and the same class imported from the package."
+    return a.__qualname__ == b.__qualname__ and "__main__" in (a.__module__, b.__module__)
+
 def register_method(cls: type) -> type:
-    "Class decorator: make a `Method` subclass findable by its `name` (unique; a clash names both classes)."
+    "Class decorator: make a `Method` subclass findable by its `name` (unique; a clash names both classes). The latest of a notebook's class and the package's copy of it holds the name."
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"register_method takes a kdbook.learner.Method subclass, got {cls!r}")
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{_qualname(cls)} must set its own class attribute `name` (a non-empty string) to be registered")
     old = METHODS.get(name)
-    if old is not None and _qualname(old) != _qualname(cls):
+    if old is not None and _qualname(old) != _qualname(cls) and not _same_definition(old, cls):
         raise ValueError(f"method name {name!r} is taken by {_qualname(old)}; give {_qualname(cls)} another name")
     METHODS[name] = cls
     return cls

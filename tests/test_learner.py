@@ -221,3 +221,42 @@ def test_a_finished_run_is_reused_only_when_every_setting_matches(change, small_
     if change == "fresh": assert ckpt.stat().st_ino != inode   # trained again, not resumed from the old checkpoint
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["runs"]["aver/0"]["key"] == again.runs["aver/0"]["key"]
+
+
+def test_prepare_runs_once_after_setup_and_before_restore_and_teacher_outputs_false_skips_the_bank(tmp_path):
+    "`Method.prepare` sees the set-up method and the data once; a resume's restore then overwrites what it computed; `teacher_outputs = False` runs no teacher in a step."
+    calls = []
+    class Stat(Method):
+        name = "stat-probe"
+        needs_teachers, teacher_outputs = True, False
+        def setup(self, student, bank, batch): self.register_buffer("n", torch.zeros(()))
+        def prepare(self, learner):
+            calls.append(("prepare", float(self.n), len(learner.data.train)))
+            self.n.fill_(-1.0)              # what a restore must replace
+        def loss(self, batch, s, t):
+            assert t is None                # the bank was not run
+            self.n += 1
+            return super().loss(batch, s, t)
+    ds = load_dataset("digits").subset(256, 64, seed=0)
+    teacher = create_model("mlp_tiny", 10, 1)
+    cfg = TrainConfig(epochs=1, batch_size=64)
+    d = Distiller(create_model("mlp_tiny", 10, 1), Stat(), ds, teachers=[teacher], cfg=cfg, out_dir=tmp_path, progress=False)
+    d.fit()
+    assert calls == [("prepare", 0.0, 256)] and float(d.method.n) == -1.0 + 4     # 4 steps after prepare
+    d2 = Distiller(create_model("mlp_tiny", 10, 1), Stat(), ds, teachers=[teacher], cfg=cfg, out_dir=tmp_path, resume=True,
+                   progress=False)
+    d2.setup()
+    assert len(calls) == 2 and float(d2.method.n) == 3.0                          # the checkpoint's value, not prepare's
+
+
+def test_a_chapter_notebook_and_the_package_can_both_register_their_copy_of_a_method(monkeypatch):
+    "Running a chapter's notebook defines its classes in `__main__`; importing the package (e.g. through kdbook.cli) must not clash with them."
+    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    from kdbook.baselines import AVER
+    notebook_copy = type("AVER", (Method,), {"name": "aver", "__module__": "__main__", "__qualname__": AVER.__qualname__})
+    register_method(notebook_copy)
+    assert learner.METHODS["aver"] is notebook_copy
+    register_method(AVER)                                   # the package's class, imported after the notebook ran
+    assert learner.METHODS["aver"] is AVER
+    other = type("Other", (Method,), {"name": "aver", "__module__": "__main__"})
+    with pytest.raises(ValueError, match="method name 'aver' is taken by kdbook.baselines.AVER"): register_method(other)
