@@ -17,6 +17,7 @@ from .learner import Distiller, Method, TrainConfig, resolve_device
 from .baselines import AVER
 from .explain import gradcam_speed
 from .aekd import aekd_speed
+from .moekd import moekd_memory, moekd_speed
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -73,6 +74,9 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     out["teacher_bank"] = bench_teacher_bank([t.to(dev) for t in teachers], x, n_iter=3 if quick else 30)
     for M in (5, 25):
         out[f"aekd_M{M}"] = aekd_speed(M=M, batch=64, reps=3 if quick else 15, n_qp=8 if quick else 32, device=str(dev))
+    mnist_like = synthetic_dataset(10, (1, 28, 28), n_train=256, n_test=16)
+    out["moekd"] = moekd_speed(mnist_like, batch=64, reps=3 if quick else 30, device=str(dev))
+    out["moekd_memory"] = moekd_memory(32 if quick else 256, 1000, 1000)
     out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
@@ -103,6 +107,16 @@ def format_benchmarks(res: dict) -> str:
                          f"CPU one-class SVM, {1e3 * a['t_public']:.1f} ms)")
             lines.append(f"batched solver vs SLSQP      {a['qp_speedup']:6.1f}x   (M={a['M']}, per problem: "
                          f"{1e6 * a['t_qp_ours']:.0f} vs {1e6 * a['t_qp_slsqp']:.0f} µs)")
+    if "moekd" in res:
+        s = res["moekd"]
+        lines.append(f"MoE-KD step vs KD step       {s['moekd_vs_kd']:6.2f}x   ({s['teacher']} -> {s['student']}, batch {s['batch']}, "
+                     f"C={s['classes']}: {1e3 * s['t_moekd']:.1f} vs {1e3 * s['t_kd']:.1f} ms; per-batch mu {s['moekd_batch_mu_vs_kd']:.2f}x)")
+        lines.append(f"ELBO dense vs shared W       {s['elbo_dense_vs_shared_C1000']:6.1f}x   (time, K=C=1000, batch {s['batch']}; "
+                     f"{s['elbo_dense_vs_shared_C100']:.1f}x at K=C=100)")
+    if "moekd_memory" in res:
+        m_ = res["moekd_memory"]
+        lines.append(f"ELBO memory dense vs shared  {m_['peak_ratio']:6.1f}x   (peak, K=C=1000, batch {m_['B']}: "
+                     f"{m_['dense_peak_mib']:.0f} vs {m_['shared_peak_mib']:.0f} MiB)")
     if "gradcam" in res:
         c = res["gradcam"]
         lines.append(f"Grad-CAM batched vs per image {c['ratio']:5.1f}x   ({c['n']} images, {c['arch']}: one pass {c['batched_s']:.2f} s "

@@ -20,7 +20,8 @@ from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
 from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_param, method_factories, resolve_device,
                             run_study, train_teachers)
-import kdbook.baselines, kdbook.aekd   # noqa: F401 -- importing a chapter registers its methods
+from .baselines import check_teacher_index
+import kdbook.baselines, kdbook.aekd, kdbook.moekd   # noqa: F401 -- importing a chapter registers its methods
 
 # %% ../nbs/90_cli.ipynb #52a7df02
 @dataclasses.dataclass
@@ -62,6 +63,8 @@ class Recipe:
 RECIPES = {
     "aekd-code": Recipe("AnTuo1998/AE-KD, train_student.py defaults", 240, 0.05, (150, 180, 210)),
     "aekd-paper": Recipe("Du et al., NeurIPS 2020, §4.1", 350, 0.05, (150, 200, 250, 300), student_lr={"MobileNetV2": 0.01}),
+    "moekd-paper": Recipe("MoE-KD paper, §5.1 (batch 64, wd 5e-4)", 240, 0.05, (150, 180, 210),
+                          student_lr={"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}),
 }
 
 # %% ../nbs/90_cli.ipynb #f18d7e62
@@ -108,7 +111,8 @@ def _run_parser(sub) -> None:
     r.add_argument("--methods", type=lambda v: _names(v, METHODS, "method"), default=list(DEFAULT_METHODS),
                    help=f"comma-separated methods, from the registry: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     r.add_argument("--set", type=_setting, action="append", default=[], metavar="METHOD.PARAM=VALUE",
-                   help="a method's hyper-parameter, e.g. --set aekd.C=0.8 (repeatable)")
+                   help="a method's hyper-parameter, e.g. --set aekd.C=0.8 (repeatable); single-teacher methods "
+                        "(kd, srrl, moekd) distil from the first teacher unless --set METHOD.teacher=INDEX")
     for flag, kind, what, val in (("--epochs", _positive_int, "student epochs", d.epochs),
                                   ("--teacher-epochs", _positive_int, "teacher epochs (teachers are cached)", d.teacher_epochs),
                                   ("--seeds", _positive_int, "seeds per method", d.seeds),
@@ -161,6 +165,8 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=DEFA
     teachers, student = list(teachers or pre.teachers), student or pre.student
     for a in teachers + [student]:
         if a not in MODELS: raise ValueError(f"unknown model {a!r}; valid: {', '.join(MODELS)}")
+    for method, params in kwargs.items():   # a single-teacher method's teacher index, against the bank this run builds
+        if "teacher" in params: check_teacher_index(params["teacher"], len(teachers))
     bs = batch_size or pre.batch_size
     if recipe is None:
         scfg = TrainConfig(epochs=epochs or pre.epochs, batch_size=bs, lr=lr or pre.lr, device=device)

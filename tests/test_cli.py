@@ -24,7 +24,7 @@ def _bad_inputs(tmp):
     (tmp / "a_file").write_text("x")
     locked = tmp / "locked"; locked.mkdir(); locked.chmod(0o500)
     rows = [
-        (["run", "--methods", "aver,foo"], "unknown method 'foo'; valid: ce, aver, ebkd, "),
+        (["run", "--methods", "aver,foo"], "unknown method 'foo'; valid: ce, aver, kd, ebkd, "),
         (["run", "--methods", ""], "no method given"),
         (["run", "--teachers", "mlp,resnet21"], "unknown model 'resnet21'; valid: resnet8"),
         (["run", "--student", "vgg7"], "unknown model 'vgg7'"),
@@ -42,6 +42,10 @@ def _bad_inputs(tmp):
         (["run", "--set", "aekd.C=0.5", "--methods", "aver"], "settings given for method 'aekd', which this study does not run"),
         (["run", "--set", "aver.T=-1", "--methods", "aver"], "temperature T must be a finite number > 0, got -1"),
         (["run", "--set", "aekd.gram=pixel", "--methods", "aekd"], "gram must be one of 'sum', 'mean', 'sample', got 'pixel'"),
+        (["run", "--set", "moekd.tau=0", "--methods", "moekd"], "temperature T must be a finite number > 0, got 0"),
+        (["run", "--set", "moekd.ablation=no_gate", "--methods", "moekd"], "ablation must be one of 'none', 'uniform_gate'"),
+        (["run", "--set", "moekd.teacher=3", "--methods", "moekd"], "teacher=3 but the bank holds 3 teacher(s): valid indices are 0..2"),
+        (["run", "--set", "srrl.sr=l1", "--methods", "srrl"], "sr must be one of 'mse', 'kl'; got 'l1'"),
         (["run", "--device", "tpu"], "TrainConfig.device must be"),
         (["run", "--out", str(tmp / "a_file")], "is a file, not a folder"),
         (["run", "--out", str(tmp / "a_file" / "sub")], "is a file, not a folder (it is under"),
