@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import Tensor
 
-from .core import kd_loss, kd_logit_grad, upcast
+from .core import check_choice, kd_loss, kd_logit_grad, upcast
 from .data import median_times
 from .models import TeacherOut, create_model
 from .learner import register_method
@@ -120,9 +120,6 @@ def _check_cap(C, M: int) -> float:
         raise ValueError(f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M} teachers, got C={C!r}")
     return min(max(float(C), 1 / M), 1.0)
 
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    "Raise a ValueError naming `name`, the allowed values and `value` unless `value` is one of `allowed`."
-    if value not in allowed: raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 def _check_gram(G: Tensor) -> None:
     "Raise a ValueError unless G is a finite, square, symmetric, positive semi-definite batch of matrices."
@@ -241,7 +238,7 @@ def logit_gram(g: Tensor, # per-sample logit gradients `[M, B, K]`
                gram: str = "sum", # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
               ) -> Tensor: # `[M, M]`, or `[B, M, M]` for "sample"
     "The Gram matrix AE-KD's QP is solved on: Σ_b G_b (Eq. 13), the Gram of the batch-mean gradients (the code), or each G_b."
-    _check_choice("gram", gram, GRAMS)
+    check_choice("gram", gram, GRAMS)
     if gram == "sum": return torch.einsum("mbk,nbk->mn", g, g)
     if gram == "mean": return g.mean(1) @ g.mean(1).T
     return torch.einsum("mbk,nbk->bmn", g, g)
@@ -289,7 +286,7 @@ def hint_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]` with respe
                  check: bool = True, # validate the Gram (host sync)
                 ) -> Tensor: # weights `[M]` on the capped simplex ("paper"), or summing to 1 ("code"); at least float32
     "AE-KD*'s hint weights α', in the paper's form (Eq. 16) or the public code's."
-    _check_choice("form", form, HINT_FORMS)
+    check_choice("form", form, HINT_FORMS)
     if form == "code": return normalized_weights(grads, C, check)
     u = grads.reshape(grads.shape[0], -1).double()
     return capped_simplex_min_norm(u @ u.T, C, check=check).to(torch.promote_types(grads.dtype, torch.float32))
@@ -311,7 +308,7 @@ class AEKD(MultiTeacherKD):
         super().__init__(T, gamma, alpha, beta)
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) or not 0 < C <= 1:
             raise ValueError(f"C must be a number in (0, 1] (and at least 1/M for M teachers), got {C!r}")
-        _check_choice("gram", gram, GRAMS)
+        check_choice("gram", gram, GRAMS)
         self.C, self.gram = float(C), gram
         self._checked_M, self._buf, self._n = None, None, 0
 
@@ -384,7 +381,7 @@ class AEKDFeat(AEKD):
                  hint_form: str = "paper",      # "paper" (Eq. 16 on the whole gradients) or "code" (normalise and rescale)
                  layer: int = -1):              # which student/teacher feature map carries the hints
         super().__init__(T, gamma, alpha, beta, C, gram)
-        _check_choice("hint_form", hint_form, HINT_FORMS)
+        check_choice("hint_form", hint_form, HINT_FORMS)
         self.hint_form, self.layer = hint_form, layer
         self.regressors = nn.ModuleList()
 

@@ -15,15 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import check_temperature, multi_teacher_kd_loss, upcast
+from .core import check_nonneg, check_temperature, multi_teacher_kd_loss, upcast
 from .models import ModelOut
 from .learner import Method, register_method
 
 # %% ../nbs/04_baselines.ipynb #c98ab7ab
-def _check_nonneg(name, v):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-
 class MultiTeacherKD(Method):
     "γ·CE + α·Σ_m w_m T²·KL(p_m^T ‖ p_s^T) + β·feature term; uniform weights w_m = 1/M (AVER). A base class, not registered."
     name = "multi_teacher_kd"
@@ -37,7 +33,7 @@ class MultiTeacherKD(Method):
                  beta: float = 0.0):        # β, weight of the feature term
         super().__init__()
         T = check_temperature(T)
-        for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta)): _check_nonneg(n, v)
+        for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta)): check_nonneg(n, v)
         self.T, self.gamma, self.alpha, self.beta = T, float(gamma), float(alpha), float(beta)
 
     def teacher_weights(self, s_logits: Tensor, t_logits: Tensor, y: Tensor) -> Tensor:

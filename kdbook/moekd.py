@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
-from .core import check_temperature, upcast
+from .core import check_choice, check_nonneg, check_temperature, upcast
 from .data import DeviceLoader, median_times
 from .models import ModelOut, conv_bn_relu, create_model, global_pool
 from .learner import Distiller, Method, TrainConfig, register_method
@@ -133,15 +133,6 @@ def shared_mixture_scores(gate_logits: Tensor, s: Tensor, b: Tensor) -> Tensor:
 # %% ../nbs/11_moekd.ipynb #cb4645ac
 _SR_FORMS = ("mse", "kl")
 
-def _check_choice(name: str, value, allowed: tuple):
-    if value not in allowed: raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-def _check_nonneg(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
-
 def teacher_gate_kl(teacher_logits: Tensor, gate_logits: Tensor, tau: float = 1.0) -> Tensor:
     "KL(P^T_τ ‖ softmax(gate)) per sample, `[B]`: the teacher softened by τ (Eq. 8), the gate not."
     pt = teacher_probs(teacher_logits, tau)
@@ -168,8 +159,8 @@ class SRRL(Method):
                  tau: float = 1.0,           # τ softening the teacher in the "kl" form
                  teacher: int = 0):          # index of the teacher in the bank
         super().__init__()
-        self.alpha, self.beta = _check_nonneg("alpha", alpha), _check_nonneg("beta", beta)
-        self.sr, self.tau = _check_choice("sr", sr, _SR_FORMS), check_temperature(tau)
+        self.alpha, self.beta = check_nonneg("alpha", alpha), check_nonneg("beta", beta)
+        self.sr, self.tau = check_choice("sr", sr, _SR_FORMS), check_temperature(tau)
         self.teacher = check_teacher_index(teacher)
     def setup(self, student, bank, batch):
         tm = bank.teachers[check_teacher_index(self.teacher, len(bank.teachers))]
@@ -241,8 +232,8 @@ class MoEKD(MixtureKD):
                  factor: int = 2):                # 𝒢's bottleneck: middle width d_T // factor
         super().__init__()
         self.tau, self.teacher = check_temperature(tau), check_teacher_index(teacher)
-        self.ablation = _check_choice("ablation", ablation, ABLATIONS)
-        self.prototypes = _check_choice("prototypes", prototypes, PROTOTYPES)
+        self.ablation = check_choice("ablation", ablation, ABLATIONS)
+        self.prototypes = check_choice("prototypes", prototypes, PROTOTYPES)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
         self.factor = factor
@@ -338,7 +329,7 @@ class MoEKDEnsemble(MixtureKD):
                  teacher_gate: str = "uniform",     # π_m(x): "uniform" (1/M) or "learned" (linear on the student's feature)
                  factor: int = 2):                  # each 𝒢_m's bottleneck
         super().__init__()
-        self.tau, self.teacher_gate = check_temperature(tau), _check_choice("teacher_gate", teacher_gate, TEACHER_GATES)
+        self.tau, self.teacher_gate = check_temperature(tau), check_choice("teacher_gate", teacher_gate, TEACHER_GATES)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
         self.factor = factor

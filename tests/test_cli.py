@@ -45,7 +45,7 @@ def _bad_inputs(tmp):
         (["run", "--set", "moekd.tau=0", "--methods", "moekd"], "temperature T must be a finite number > 0, got 0"),
         (["run", "--set", "moekd.ablation=no_gate", "--methods", "moekd"], "ablation must be one of 'none', 'uniform_gate'"),
         (["run", "--set", "moekd.teacher=3", "--methods", "moekd"], "teacher=3 but the bank holds 3 teacher(s): valid indices are 0..2"),
-        (["run", "--set", "srrl.sr=l1", "--methods", "srrl"], "sr must be one of 'mse', 'kl'; got 'l1'"),
+        (["run", "--set", "srrl.sr=l1", "--methods", "srrl"], "sr must be one of 'mse', 'kl', got 'l1'"),
         (["run", "--device", "tpu"], "TrainConfig.device must be"),
         (["run", "--out", str(tmp / "a_file")], "is a file, not a folder"),
         (["run", "--out", str(tmp / "a_file" / "sub")], "is a file, not a folder (it is under"),

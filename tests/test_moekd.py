@@ -108,7 +108,7 @@ def test_ensemble_responsibilities_are_recorded():
 
 @pytest.mark.parametrize("kw,msg", [({"tau": -1}, "temperature T must be a finite number > 0, got -1"),
                                     ({"ablation": "x"}, "ablation must be one of 'none', 'uniform_gate'"),
-                                    ({"prototypes": "x"}, "prototypes must be one of 'dataset', 'batch'; got 'x'"),
+                                    ({"prototypes": "x"}, "prototypes must be one of 'dataset', 'batch', got 'x'"),
                                     ({"teacher": 1.5}, "teacher must be an int index >= 0"),
                                     ({"factor": 0}, "factor must be an int >= 1, got 0")])
 def test_bad_settings_name_the_value(kw, msg):
