@@ -172,14 +172,16 @@ def topk_correct(scores: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> dict:
     hit = top == y[:, None]
     return {k: hit[:, :min(k, kmax)].any(-1).sum() for k in ks}
 
-def task_accuracy(scores: Tensor, y: Tensor, tasks: Sequence[Tensor]) -> list:
-    "Accuracy (%) within each task (a tensor of global class ids), predicting among that task's classes only."
+def task_accuracy(scores: Tensor, y: Tensor, tasks: Sequence[Tensor],
+                  within: bool = True, # True: predict among the task's classes only (task-aware); False: among all classes
+                 ) -> list:
+    "Accuracy (%) on each task's samples (a task: a tensor of global class ids), the prediction made within the task or over all classes."
     out = []
     for classes in tasks:
         classes = classes.to(scores.device)
         mask = (y[:, None] == classes[None]).any(-1)
         if not mask.any(): out.append(float("nan")); continue
-        pred = classes[scores[mask][:, classes].argmax(-1)]
+        pred = classes[scores[mask][:, classes].argmax(-1)] if within else scores[mask].argmax(-1)
         out.append(100.0 * (pred == y[mask]).float().mean().item())
     return out
 
@@ -524,7 +526,10 @@ def evaluate(self: Distiller, split: str = "test") -> dict:
         if self.tasks: scores_all.append(scores); ys.append(y)
     self.student.train(was)
     out = {"top1": 100.0 * float(hits[1]) / total, "top5": 100.0 * float(hits[5]) / total}
-    if self.tasks: out["tasks"] = task_accuracy(torch.cat(scores_all), torch.cat(ys), self.tasks)
+    if self.tasks:
+        scores_all, ys = torch.cat(scores_all), torch.cat(ys)
+        out["tasks"] = task_accuracy(scores_all, ys, self.tasks)                         # task-aware
+        out["tasks_any"] = task_accuracy(scores_all, ys, self.tasks, within=False)    # task-agnostic: the head/class over all
     return out
 
 # %% ../nbs/03_learner.ipynb #3444fcf0
@@ -738,7 +743,7 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
                       progress=False, tasks=ctx["tasks"])
         last = d.fit()[-1]
-        return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"),
+        return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"), "tasks_any": last.get("test_tasks_any"),
                       "seconds": time.perf_counter() - t0, "reused": False, "record": method.record(),
                       "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
     except Exception as e:   # KeyboardInterrupt is no Exception: it stops the study, finished runs stay on disk
