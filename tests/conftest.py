@@ -4,7 +4,7 @@ Some tests need what only a system package gives (Debian's `dataset-fashion-mnis
 machine with only Python they are skipped with the reason; `.ci/run` installs the packages and sets
 `KDBOOK_REQUIRE_SYSTEM=1`, and then a missing package fails the test instead of skipping it.
 """
-import os, shutil
+import json, os, shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +23,13 @@ def require_system(present: bool, what: str) -> None:
     if os.environ.get("KDBOOK_REQUIRE_SYSTEM"):
         pytest.fail(f"{what} is missing, but KDBOOK_REQUIRE_SYSTEM is set (.ci/run installs it)")
     pytest.skip(f"{what} is not installed on this machine (.ci/run installs it)")
+
+
+def quick_run(tmp_path, data: str, *flags: str, methods: str) -> dict:
+    "`kdbook run` on `data` with 1 epoch, 1 teacher epoch and 1 seed into a fresh folder; asserts it exits 0 and returns results.json."
+    from kdbook import cli
+    out = tmp_path / data
+    code = cli.main(["run", "--data", data, "--methods", methods, *flags, "--epochs", "1", "--teacher-epochs", "1",
+                     "--seeds", "1", "--out", str(out)])
+    assert code == 0
+    return json.loads((out / "results.json").read_text())

@@ -1,16 +1,15 @@
 "Chapter 12, CFL: MMD against loops and its properties, the amalgamation setting's errors, KA and CFL trained, `kdbook run --experts`."
-import json, math
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbook import cli
 from kdbook.data import load_dataset
 from kdbook.learner import Distiller, TrainConfig, make_method
 from kdbook.models import create_model
 from kdbook.cfl import SIGMAS, Amalgamation, CFL, KA, check_expert_outputs, mmd, public_mmd, union_logits
-from conftest import FASHION_MNIST, require_system
+from conftest import FASHION_MNIST, quick_run, require_system
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -63,11 +62,7 @@ def test_amalgamating_methods_train_and_report_per_task_accuracy(name, settings)
 
 
 def _run_cli(tmp_path, data):
-    out = tmp_path / data
-    code = cli.main(["run", "--data", data, "--experts", "2", "--methods", "ka,cfl", "--epochs", "1", "--teacher-epochs", "1",
-                     "--seeds", "1", "--out", str(out)])
-    assert code == 0
-    res = json.loads((out / "results.json").read_text())
+    res = quick_run(tmp_path, data, "--experts", "2", methods="ka,cfl")
     for m in ("ka", "cfl"):
         run = res["runs"][f"{m}/0"]
         assert run["status"] == "ok" and len(run["tasks"]) == 2 and all(0 <= a <= 100 for a in run["tasks"]), run

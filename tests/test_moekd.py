@@ -6,14 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbook import cli
 from kdbook.data import load_dataset
 from kdbook.learner import Distiller, TrainConfig, make_method
 from kdbook.models import create_model
 from kdbook.moekd import (MoEKD, MoEKDEnsemble, SRRL, class_prototypes, elbo, log_expert_likelihood, log_matmul_exp,
                           mixture_log_likelihood, mixture_scores, posterior, shared_expert_log_likelihood,
                           shared_mixture_scores, teacher_probs)
-from conftest import FASHION_MNIST, require_system
+from conftest import FASHION_MNIST, quick_run, require_system
 
 PINNED = Path(__file__).parent / "fixtures" / "pinned_moekd.json"
 
@@ -121,11 +120,7 @@ def test_a_teacher_over_other_classes_is_refused():
 
 
 def _run_cli(tmp_path, data):
-    out = tmp_path / data
-    code = cli.main(["run", "--data", data, "--methods", "kd,srrl,moekd,moekd_multi", "--epochs", "1", "--teacher-epochs", "1",
-                     "--seeds", "1", "--out", str(out)])
-    assert code == 0
-    res = json.loads((out / "results.json").read_text())
+    res = quick_run(tmp_path, data, methods="kd,srrl,moekd,moekd_multi")
     for m in ("kd", "srrl", "moekd", "moekd_multi"):
         run = res["runs"][f"{m}/0"]
         assert run["status"] == "ok" and 0 < run["top1"] <= 100, run
