@@ -95,6 +95,12 @@ class ImageDataset:
         return ImageDataset(f"{self.name}[{len(tr)}/{len(te)}]", tr, te, self.classes, self.mean, self.std,
                             self.pad, self.flip, self.source)
 
+    def loader(self, split: str = "train", batch_size: int = 512, device="cpu", channels_last: bool | None = None) -> "DeviceLoader":
+        "A split in order, un-augmented, normalised with the dataset's statistics: for passes that do not train (statistics, features, evaluation)."
+        if split not in ("train", "test"): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return DeviceLoader(getattr(self, split), batch_size, train=False, mean=self.mean, std=self.std, device=device,
+                            channels_last=channels_last)
+
     def __repr__(self):
         return (f"ImageDataset({self.name!r}: {len(self.train)} train / {len(self.test)} test, "
                 f"{self.in_channels}x{self.image_size}x{self.image_size}, {self.n_classes} classes, from {self.source})")

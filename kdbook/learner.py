@@ -513,9 +513,7 @@ def fit(self: Distiller) -> list:
 def evaluate(self: Distiller, split: str = "test") -> dict:
     "Top-1 and top-5 accuracy (%) and, when `tasks` were given, per-task accuracy on `split`."
     if split not in ("test", "train"): raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    dl = self.test_dl if split == "test" else DeviceLoader(
-        self.data.train, self.cfg.eval_batch_size, train=False, mean=self.data.mean, std=self.data.std,
-        device=self.device, channels_last=self.channels_last)
+    dl = self.test_dl if split == "test" else self.data.loader("train", self.cfg.eval_batch_size, self.device, self.channels_last)
     was = self.student.training
     self.student.eval(); self.method.eval()
     hits, total, scores_all, ys = {1: 0, 5: 0}, 0, [], []

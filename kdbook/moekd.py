@@ -6,10 +6,10 @@ Docs: https://kdbook.github.io/kdbook/moekd.html.md"""
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'PROTOTYPES', 'TEACHER_GATES', 'PAPER_RESULTS', 'log_expert_likelihood', 'mixture_log_likelihood',
-           'Bottleneck', 'prototype_mlp', 'teacher_probs', 'class_prototypes', 'elbo_terms', 'posterior', 'elbo',
-           'mixture_scores', 'log_matmul_exp', 'shared_expert_log_likelihood', 'shared_mixture_scores',
-           'teacher_gate_kl', 'srrl_objective', 'SRRL', 'MixtureKD', 'MoEKD', 'MoEKDEnsemble', 'moekd_memory',
-           'moekd_speed']
+           'Bottleneck', 'prototype_mlp', 'teacher_probs', 'class_prototypes', 'dataset_prototypes', 'elbo_terms',
+           'posterior', 'elbo', 'mixture_scores', 'log_matmul_exp', 'shared_expert_log_likelihood',
+           'shared_mixture_scores', 'teacher_gate_kl', 'srrl_objective', 'SRRL', 'MixtureKD', 'MoEKD', 'MoEKDEnsemble',
+           'moekd_memory', 'moekd_speed']
 
 # %% ../nbs/11_moekd.ipynb #c888cc8a
 import copy, json, math, subprocess, sys
@@ -70,6 +70,20 @@ def class_prototypes(probs: Tensor,  # P^T(k | x_i), `[N, K]`
     "Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is assigned to gets μ_k = 0)."
     num, den = probs.T @ feats, probs.sum(0)
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1)
+
+def dataset_prototypes(teachers,          # frozen teachers returning `ModelOut`
+                       loader,            # batches `(x, y, idx)` of the whole training set, un-augmented
+                       tau: float,        # τ of Eq. 8
+                       hard: bool = False # hard aggregation (ablation iv)
+                      ) -> list:
+    "Eq. 7 over a whole dataset for each teacher, in one streamed pass: Σ_i P^T(k|x_i) z^T_i and Σ_j P^T(k|x_j) summed batch by batch."
+    sums = [[0, 0] for _ in teachers]
+    with torch.no_grad():
+        for x, _, _ in loader:
+            for acc, tm in zip(sums, teachers):
+                t = tm(x); p = teacher_probs(t.logits, tau, hard=hard)
+                acc[0], acc[1] = acc[0] + p.T @ upcast(t.pooled), acc[1] + p.sum(0)
+    return [num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1) for num, den in sums]
 
 # %% ../nbs/11_moekd.ipynb #4b0c2667
 def _log_gate(gate_logits: Tensor) -> Tensor: return F.log_softmax(upcast(gate_logits), -1)
@@ -269,14 +283,8 @@ def setup(self: MoEKD, student, bank, batch):
 def prepare(self: MoEKD, learner):
     "μ (Eq. 7) in one pass over the un-augmented training set; nothing to do for learned or per-batch prototypes."
     if self.ablation == "scratch_prototypes" or self.prototypes == "batch": return
-    data, tm = learner.data, self._teacher[0]
-    dl = DeviceLoader(data.train, 512, train=False, mean=data.mean, std=data.std, device=learner.device)
-    num, den = 0, 0
-    for x, _, _ in dl:
-        t = tm(x)
-        p = teacher_probs(t.logits, self.tau, hard=self.ablation == "hard_aggregation")
-        num, den = num + p.T @ upcast(t.pooled), den + p.sum(0)
-    self.mu.copy_(num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1))
+    loader = learner.data.loader("train", device=learner.device)
+    self.mu.copy_(dataset_prototypes(self._teacher, loader, self.tau, hard=self.ablation == "hard_aggregation")[0])
 
 # %% ../nbs/11_moekd.ipynb #e1ac819a
 @patch
@@ -353,14 +361,8 @@ class MoEKDEnsemble(MixtureKD):
 
     def prepare(self, learner):
         "Each teacher's μ_m (Eq. 7) in one pass over the un-augmented training set."
-        data = learner.data
-        dl = DeviceLoader(data.train, 512, train=False, mean=data.mean, std=data.std, device=learner.device)
-        sums = [[0, 0] for _ in self.parts]
-        for x, _, _ in dl:
-            for acc, tm in zip(sums, self._teachers):
-                t = tm(x); p = teacher_probs(t.logits, self.tau)
-                acc[0], acc[1] = acc[0] + p.T @ upcast(t.pooled), acc[1] + p.sum(0)
-        for part, (num, den) in zip(self.parts, sums): part.mu.copy_(num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1))
+        mus = dataset_prototypes(self._teachers, learner.data.loader("train", device=learner.device), self.tau)
+        for part, mu in zip(self.parts, mus): part.mu.copy_(mu)
 
     def teacher_log_gate(self, s: ModelOut) -> Tensor:
         "log π_m(x), `[B, M]`."
