@@ -19,6 +19,7 @@ from .explain import gradcam_speed
 from .aekd import aekd_speed
 from .moekd import moekd_memory, moekd_speed
 from .cfl import cfl_speed
+from .mec import mec_speed
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -79,6 +80,7 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     out["moekd"] = moekd_speed(mnist_like, batch=64, reps=3 if quick else 30, device=str(dev))
     out["moekd_memory"] = moekd_memory(32 if quick else 256, 1000, 1000)
     out["cfl"] = cfl_speed(5, 64, reps=3 if quick else 20, device=str(dev))
+    out["mec"] = mec_speed(mnist_like, 5, 64, reps=3 if quick else 20, device=str(dev))
     out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
@@ -123,6 +125,10 @@ def format_benchmarks(res: dict) -> str:
         c_ = res["cfl"]
         lines.append(f"CFL's MMD batched vs loops   {c_['ratio']:6.1f}x   ({c_['n_experts']} experts, batch {c_['batch']}, dim {c_['dim']}: "
                      f"{1e3 * c_['t_batched']:.1f} vs {1e3 * c_['t_loop']:.1f} ms, forward + backward)")
+    if "mec" in res:
+        e_ = res["mec"]
+        lines.append(f"MEC step vs KA step          {e_['mec_vs_ka']:6.2f}x   ({e_['experts']} experts, batch {e_['batch']}, {e_['student']}: "
+                     f"CAL only {e_['cal_only_vs_ka']:.2f}x, MERL only {e_['merl_only_vs_ka']:.2f}x; KA {1e3 * e_['t_ka']:.1f} ms)")
     if "gradcam" in res:
         c = res["gradcam"]
         lines.append(f"Grad-CAM batched vs per image {c['ratio']:5.1f}x   ({c['n']} images, {c['arch']}: one pass {c['batched_s']:.2f} s "

@@ -22,7 +22,8 @@ from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_para
                             run_study, train_teachers)
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
-import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl   # noqa: F401 -- importing a chapter registers its methods
+from .mec import memory_data
+import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl, kdbook.mec   # noqa: F401 -- importing a chapter registers its methods
 
 # %% ../nbs/90_cli.ipynb #52a7df02
 @dataclasses.dataclass
@@ -115,7 +116,11 @@ def _run_parser(sub) -> None:
                         f"(default: {','.join(DEFAULT_METHODS)}; with --experts: {','.join(EXPERT_METHODS)})")
     r.add_argument("--experts", type=_positive_int, metavar="N",
                    help="amalgamation (chapter 12): N expert teachers, each trained on its own group of the classes "
-                        "(architectures cycled through --teachers); results give each expert task's accuracy")
+                        "(architectures cycled through --teachers); the students train with Adam (lr 1e-3 unless --lr, weight decay 1e-4); "
+                        "results give each expert task's accuracy")
+    r.add_argument("--memory", type=_positive_int, metavar="K",
+                   help="with --experts (chapter 13): the students train on the exemplar memory, the K training images per class "
+                        "nearest the class mean of their expert's features, repeated so that an epoch sees about the full training set's size")
     r.add_argument("--set", type=_setting, action="append", default=[], metavar="METHOD.PARAM=VALUE",
                    help="a method's hyper-parameter, e.g. --set aekd.C=0.8 (repeatable); single-teacher methods "
                         "(kd, srrl, moekd) distil from the first teacher unless --set METHOD.teacher=INDEX")
@@ -162,13 +167,14 @@ def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "ke
 # %% ../nbs/90_cli.ipynb #931de473
 def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
-                 fresh=False, settings=(), threads=None, recipe=None, experts=None, log=print) -> dict:
+                 fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print) -> dict:
     "`kdbook run`: the preset (flags override), every input checked, teachers trained or loaded, then `run_study`."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre, kwargs = PRESETS[data], {}
     for method, param, value in settings: kwargs.setdefault(method, {})[param] = value
     methods = list(methods or (EXPERT_METHODS if experts else DEFAULT_METHODS))
     method_factories(methods, kwargs)                  # names, parameters and values, before any training
+    if memory and not experts: raise ValueError(f"--memory {memory} selects exemplars under each expert: it needs --experts N")
     if experts:
         flat = [m for m in methods if not getattr(METHODS[m], "amalgamation", False)]
         if flat: raise ValueError(f"--experts trains experts over class groups, but {', '.join(map(repr, flat))} needs teachers "
@@ -182,6 +188,8 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
     if recipe is None:
         scfg = TrainConfig(epochs=epochs or pre.epochs, batch_size=bs, lr=lr or pre.lr, device=device)
         tcfg = dataclasses.replace(scfg, epochs=teacher_epochs or pre.teacher_epochs)
+        if experts:   # amalgamating students train with Adam, as in chapters 12-13 (the book's SGD made CFL's feature term diverge)
+            scfg = dataclasses.replace(scfg, optimizer="adam", lr=lr or 1e-3, weight_decay=1e-4)
     else:
         if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
         rec = RECIPES[recipe]
@@ -202,7 +210,11 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
             for i, t in zip(info, am.tasks): i["classes"] = t.tolist()
         log("teachers: " + ", ".join(f"{t['arch']} {t['test_top1']:.2f}%" + (f" on classes {t['classes']}" if am else "") for t in info)
             + f" ({time.perf_counter() - t0:.1f}s)")
-        res = run_study(ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
+        train_ds = ds
+        if memory:
+            train_ds = memory_data(am, tnets, memory, repeat=max(1, len(ds.train) // (memory * ds.n_classes)))
+            log(f"memory: {memory} images per class ({memory * ds.n_classes} in all), {len(train_ds.train) // (memory * ds.n_classes)} passes per epoch")
+        res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
                         out=out, fresh=fresh, on_error="record", log=log, tasks=am.tasks if am else None,
                         extra={"teachers": info, "teacher_cfg": tcfg.to_dict()})
     finally: torch.set_num_threads(saved)
@@ -293,7 +305,7 @@ def main(argv=None) -> int:
     try:
         res = preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
                            args.seeds, args.batch_size, args.lr, args.device, args.out, args.fresh, args.set, args.threads,
-                           recipe=args.recipe, experts=args.experts)
+                           recipe=args.recipe, experts=args.experts, memory=args.memory)
     except (ValueError, FileNotFoundError) as e:
         print(f"kdbook: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:

@@ -1,0 +1,156 @@
+"Chapter 13, MEC: free energies and head choice against brute force, the memory, the method's terms and switches, `kdbook run --memory`."
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdbook.cfl import KA, Amalgamation
+from kdbook.core import kd_loss
+from kdbook.data import load_dataset
+from kdbook.learner import Distiller, TrainConfig, make_method
+from kdbook.models import create_model
+from kdbook.mec import (MEC, channel_kl, first_experts, free_energy, head_free_energies, head_layout, mec_scores, memory_data,
+                        reconstruction_norm)
+from conftest import FASHION_MNIST, quick_run, require_system
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_union_softmax_factorises_into_head_choice_and_class(seed):
+    g = torch.Generator().manual_seed(seed)
+    tasks = [torch.tensor([2, 7]), torch.tensor([0, 1, 9]), torch.tensor([3, 4, 5, 6, 8])]
+    index, valid = head_layout(tasks)
+    u, y = torch.randn(40, 10, generator=g, dtype=torch.float64) * 4, torch.randint(0, 10, (40,), generator=g)
+    Fm = head_free_energies(u, index, valid)
+    for i in range(40):
+        m = next(k for k, t in enumerate(tasks) if y[i] in t)
+        within = F.log_softmax(u[i, tasks[m]], -1)[(tasks[m] == y[i]).nonzero().item()]
+        head = F.log_softmax(-Fm[i], -1)[m]
+        torch.testing.assert_close(F.log_softmax(u[i], -1)[y[i]], within + head)
+        assert math.isclose(Fm[i, m].item(), -torch.logsumexp(u[i, tasks[m]], -1).item(), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scores_pick_the_head_of_lowest_free_energy_then_its_top_class(seed):
+    g = torch.Generator().manual_seed(seed)
+    tasks = [torch.tensor([0, 5]), torch.tensor([1, 2, 3]), torch.tensor([4, 6, 7, 8, 9])]
+    index, valid = head_layout(tasks)
+    u = torch.randn(64, 10, generator=g) * 3
+    s = mec_scores(u, index, valid)
+    for i in range(64):
+        energies = [free_energy(u[i, t]).item() for t in tasks]
+        m = min(range(3), key=energies.__getitem__)
+        assert s[i].argmax().item() == tasks[m][u[i, tasks[m]].argmax()].item()
+        order = sorted(range(3), key=energies.__getitem__)             # top-k walks the heads by −F
+        first = s[i].topk(len(tasks[order[0]])).indices.sort().values
+        assert first.tolist() == tasks[order[0]].tolist()
+
+
+def test_free_energy_and_kd_see_a_head_shift_differently():
+    h, v = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    torch.testing.assert_close(free_energy(h + 1.5), free_energy(h) - 1.5)
+    torch.testing.assert_close(kd_loss(h + 1.5, v), kd_loss(h, v))
+    with pytest.raises(ValueError, match="T must be"): free_energy(h, T=-1)
+
+
+def test_channel_kl_and_reconstruction_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 5, 2, 2, generator=g, dtype=torch.float64)
+    ref = F.kl_div(F.log_softmax(b, 1), F.log_softmax(a, 1), reduction="none", log_target=True).sum(1).mean()
+    torch.testing.assert_close(channel_kl(a, b), ref)
+    assert channel_kl(a, b) > 0 and abs(channel_kl(a, a).item()) < 1e-12
+    torch.testing.assert_close(reconstruction_norm(a, b), (a - b).flatten(1).norm(dim=1).mean())
+
+
+def _experts(am):
+    torch.manual_seed(0)
+    return [create_model(("cnn_small", "resnet8")[m % 2], len(t), 1) for m, t in enumerate(am.tasks)]
+
+
+def test_memory_selects_the_nearest_to_each_class_mean_and_refuses_bad_sizes():
+    ds = load_dataset("digits")
+    am = Amalgamation.split(ds, 2, seed=1)
+    ex = _experts(am)
+    mem = memory_data(am, ex, 4)
+    assert torch.bincount(mem.train.y).tolist() == [4] * 10
+    for m, (t, e) in enumerate(zip(am.tasks, ex)):   # brute force: features of every sample of each class, nearest 4 to the mean
+        e.eval()
+        for c in t.tolist():
+            idx = (ds.train.y == c).nonzero().squeeze(1)
+            x = (ds.train.x[idx].float() / 255 if ds.train.x.dtype == torch.uint8 else ds.train.x[idx])
+            x = (x - torch.tensor(ds.mean).view(1, -1, 1, 1)) / torch.tensor(ds.std).view(1, -1, 1, 1)
+            with torch.no_grad(): f = e(x).pooled
+            near = idx[(f - f.mean(0)).pow(2).sum(1).argsort()[:4]]
+            chosen = mem.train.x[mem.train.y == c]
+            assert sorted(chosen.flatten(1).sum(1).tolist()) == sorted(ds.train.x[near].flatten(1).sum(1).tolist())
+    with pytest.raises(ValueError, match="memory size k must be an int >= 1, got 0"): memory_data(am, ex, 0)
+    with pytest.raises(ValueError, match="repeat must be an int >= 1"): memory_data(am, ex, 3, repeat=0)
+    with pytest.raises(ValueError, match="2 class groups but 1 experts"): memory_data(am, ex[:1], 3)
+    sub = first_experts(Amalgamation.split(ds, 5, seed=0), 2)
+    assert sub.data.n_classes == 4 and sorted(torch.cat(sub.tasks).tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("settings", [{}, {"merl": False}, {"cal": False}, {"delta": -2.0, "lam2": 1.0}])
+def test_mec_trains_and_reports_both_task_accuracies(settings):
+    ds = load_dataset("digits")
+    am = Amalgamation.split(ds, 5, seed=0)
+    ex = _experts(am)
+    torch.manual_seed(0)
+    d = Distiller(create_model("cnn_small", 10, 1), make_method("mec", **settings), memory_data(am, ex, 10, repeat=2), teachers=ex,
+                  cfg=TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=1e-3), progress=False, tasks=am.tasks)
+    h = d.fit()[-1]
+    assert math.isfinite(h["train_loss"]) and len(h["test_tasks"]) == 5 and len(h["test_tasks_any"]) == 5
+    assert all(a >= b - 1e-9 for a, b in zip(h["test_tasks"], h["test_tasks_any"]))   # the task-aware reading is never lower
+    assert d.method.record()["heads_from_experts"] == ([True] * 5 if settings.get("cal", True) else [])
+
+
+def test_mec_with_both_modules_off_is_ka_with_labels():
+    ds = load_dataset("digits")
+    am = Amalgamation.split(ds, 2, seed=0)
+    ex = _experts(am)
+    def loss(method):
+        torch.manual_seed(3)
+        d = Distiller(create_model("cnn_small", 10, 1), method, ds, teachers=ex, cfg=TrainConfig(epochs=1, batch_size=16), progress=False, tasks=am.tasks)
+        d.setup()
+        x, y, _ = next(iter(d.train_dl))
+        return d.method.loss((x, y), d.student(x), d.bank(x, feats=True))["loss"]
+    torch.testing.assert_close(loss(MEC(merl=False, cal=False, T=1.0, lam2=1.0)), loss(KA(gamma=1.0)))
+
+
+@pytest.mark.parametrize("kw,msg", [({"delta": float("inf")}, "delta must be a finite number, got inf"),
+                                    ({"lam1": -0.5}, "lam1 must be"), ({"hidden": 1.5}, "hidden must be an int >= 0"),
+                                    ({"merl": 1}, "merl must be True or False")])
+def test_mec_refuses_bad_settings(kw, msg):
+    with pytest.raises(ValueError, match=msg): MEC(**kw)
+
+
+def _run_cli(tmp_path, data):
+    res = quick_run(tmp_path, data, "--experts", "5", "--memory", "5", "--set", "mec.delta=-3", methods="ka,cfl,mec")
+    for m in ("ka", "cfl", "mec"):
+        run = res["runs"][f"{m}/0"]
+        assert run["status"] == "ok" and len(run["tasks"]) == 5 and len(run["tasks_any"]) == 5, run
+    assert res["runs"]["mec/0"]["hparams"]["delta"] == -3.0 and len(res["runs"]["mec/0"]["record"]["heads_from_experts"]) == 5
+
+
+def test_cli_runs_mec_on_the_memory_on_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    _run_cli(tmp_path, "digits")
+
+
+def test_cli_runs_mec_on_the_memory_on_fashion_mnist(tmp_path, monkeypatch):
+    require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    _run_cli(tmp_path, "fashion-mnist")
+
+
+@pytest.mark.parametrize("argv,msg", [(["--memory", "5"], "--memory 5 selects exemplars under each expert: it needs --experts N"),
+                                      (["--experts", "2", "--memory", "0"], "must be an integer >= 1, got '0'"),
+                                      (["--experts", "2", "--methods", "mec", "--set", "mec.delta=nan"], "delta must be a finite number"),
+                                      (["--experts", "2", "--memory", "5000"], "memory size k=5000 is more than the")])
+def test_cli_refuses_bad_memory_and_delta(tmp_path, monkeypatch, capsys, argv, msg):
+    from kdbook import cli
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    try: code = cli.main(["run", *argv, "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--out", str(tmp_path / "o")])
+    except SystemExit as e: code = e.code   # argparse refuses a bad flag value by exiting
+    assert code == 2
+    assert msg in capsys.readouterr().err
