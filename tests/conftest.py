@@ -33,3 +33,17 @@ def quick_run(tmp_path, data: str, *flags: str, methods: str) -> dict:
                      "--seeds", "1", "--out", str(out)])
     assert code == 0
     return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def nbdev_proc(tmp_path_factory):
+    """nbdev's docs processing (`nbdev-proc-nbs`, what `nbdev-docs` runs before Quarto) on a temp copy of the repo, once
+    per test session: `(folder, returncode, log)`, with the processed pages under `folder / "_proc"`."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("nbdev_proc")
+    for name in ("pyproject.toml", "README.md"): shutil.copy(root / name, tmp / name)
+    shutil.copytree(root / "nbs", tmp / "nbs", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(root / "kdbook", tmp / "kdbook", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run(["nbdev-proc-nbs"], cwd=tmp, capture_output=True, text=True, timeout=900)
+    return tmp, r.returncode, r.stdout + r.stderr

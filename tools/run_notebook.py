@@ -1,5 +1,9 @@
 "Execute a notebook in place with execnb (as nbdev's test runner does, but not under IN_TEST): `#| slow` and `#| gpu` cells are skipped, and so are the cells whose ids follow --skip, keeping their stored outputs. Usage: python tools/run_notebook.py nbs/10_aekd.ipynb [--skip ID ...]; then nbdev-clean."
 import os, re, sys, argparse
+# plotly figures that draw on the site: each figure loads plotly.js itself (from the CDN). The default under execnb,
+# "notebook", leaves that to a one-off output embedding plotly.js (megabytes, stripped below), and a page without it
+# shows blank figures ("Plotly is not defined"; tests/test_pages.py checks the pages in a browser)
+os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype+notebook_connected")
 from nbdev.process import read_nb, write_nb
 from execnb.shell import CaptureShell
 p = argparse.ArgumentParser(); p.add_argument("nb"); p.add_argument("--skip", nargs="*", default=[]); a = p.parse_args()
@@ -12,7 +16,7 @@ sh.run_all(nb, exc_stop=True, preproc=lambda c: c.get("id") in skip or flagged(c
 nb.metadata.pop("widgets", None)
 for c in nb.cells:   # execnb records `fig.show()`'s None as an empty result: drop it
     if c.get("outputs"): c.outputs = [o for o in c.outputs if not (o.get("output_type") == "execute_result" and not o.get("data"))]
-    # the "notebook" renderer's one-off injection of plotly.js itself (megabytes): the page loads it anyway
+    # the "notebook" renderer's one-off injection of plotly.js itself (megabytes), if PLOTLY_RENDERER asks for it
     if c.get("outputs"): c.outputs = [o for o in c.outputs if "* plotly.js v" not in "".join(o.get("data", {}).get("text/html", ""))[:2000]]
     # terminal control sequences alone (a progress bar's line clears): nothing to show
     if c.get("outputs"): c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and not re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", "".join(o.get("text", ""))).strip())]
