@@ -427,10 +427,6 @@ def _outputs(nb: dict) -> list:
     return [o for c in nb["cells"] if c.get("cell_type") == "code" for o in c.get("outputs", [])]
 
 
-@pytest.mark.xfail(reason="plotly's notebook renderers write include_mathjax='cdn' into every figure's HTML, so each "
-                          "figure loads a second MathJax 3 into the site's page, which throws 'Cannot set property "
-                          "Package of #<Object> which has only a getter'; the notebooks should display figures with "
-                          "a renderer that leaves MathJax out (to_html(..., include_mathjax=False))", strict=False)
 def test_figures_do_not_bring_their_own_mathjax(nbdev_proc):
     found = {name: n for name in sidebar_pages()
              if (n := sum(bool(FIGURE_MATHJAX.search("".join(o.get("data", {}).get("text/html", ""))))
@@ -452,9 +448,6 @@ def test_widget_outputs_can_be_shown_on_the_site(nbdev_proc):
     assert not found, f"widget outputs without their saved state, per page: {found}"
 
 
-@pytest.mark.xfail(reason="a method defined with @patch and followed by an explicit show_doc(Class.method) cell is "
-                          "documented twice: nbdev's docs processing adds its own show_doc for it; drop the explicit "
-                          "cells (or the ones nbdev adds, with a plain `show_doc` it recognises)", strict=False)
 def test_no_symbol_is_documented_twice(nbdev_proc):
     found = {name: d for name in sidebar_pages() if (d := show_doc_duplicates(_processed(nbdev_proc, name)))}
     assert not found, f"show_doc entries that appear twice, per page: {found}"
