@@ -360,12 +360,7 @@ def wait_until_drawn(browser: Chrome, timeout: float = 45, stall: float = 6) -> 
 
 # pages that fail the checks below for a defect of their stored outputs (each needs a change in nbs/): xfail, not
 # strict, so the suite stays green until the notebook is fixed; the other pages must pass
-KNOWN_BROKEN = {
-    "90_cli.ipynb": "its figure's HTML (plotly's 'notebook' renderer, which execnb uses) calls Plotly.newPlot but no "
-                    "output of the page loads plotly.js: the renderer's one-off plotly.js output is stripped by "
-                    "tools/run_notebook.py, so the figure is blank with 'Plotly is not defined'; re-run the notebook "
-                    "with the fixed tools/run_notebook.py (PLOTLY_RENDERER=plotly_mimetype+notebook_connected)",
-}
+KNOWN_BROKEN: dict = {}   # page -> reason; none at present (90_cli's blank figure was fixed by re-running it)
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_BROKEN[p], strict=False))
