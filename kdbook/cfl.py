@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import check_choice, check_nonneg, check_temperature, upcast
+from .core import check_choice, check_int, check_nonneg, check_temperature, upcast
 from .data import ExpertSplit, ImageDataset, Split, expert_split, median_times
 from .models import ModelOut
 from .learner import Method, TrainConfig, register_method, train_teachers
@@ -214,8 +214,7 @@ class CFL(Amalgamating):
                  space: str = "common"):      # "common"; or the controls "direct" (feature imitation), "random" (frozen space)
         super().__init__(T, gamma)
         self.lam, self.space = check_nonneg("lam", lam), check_choice("space", space, SPACES)
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1: raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-        self.hidden = hidden
+        self.hidden = check_int("hidden", hidden, 1)
 
     def setup(self, student, bank, batch):
         x = batch[0]

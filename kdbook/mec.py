@@ -9,13 +9,13 @@ __all__ = ['PAPER_RESULTS', 'free_energy', 'head_layout', 'padded_heads', 'head_
            'reconstruction_norm', 'memory_data', 'MEC', 'mec_speed', 'first_experts']
 
 # %% ../nbs/13_mec.ipynb #02fe60fe
-import copy, math
+import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import check_nonneg, check_temperature, kd_loss, upcast
+from .core import check_finite, check_int, check_nonneg, check_temperature, kd_loss, upcast
 from .data import ImageDataset, exemplar_memory, median_times
 from .models import ModelOut, create_model
 from .learner import Distiller, TrainConfig, register_method
@@ -76,8 +76,8 @@ def memory_data(am: Amalgamation, # the setting: data and the experts' class gro
                 device=None,      # where the experts compute the features (None: where their parameters are)
                ) -> ImageDataset:
     "The exemplar memory (§5.2): per class the `k` training samples whose expert features lie nearest the class mean (L2); the whole test split."
-    for name, v, lo in (("memory size k", k, 1), ("repeat", repeat, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    check_int("memory size k", k, 1)
+    check_int("repeat", repeat, 1)
     if len(experts) != len(am.tasks): raise ValueError(f"{len(am.tasks)} class groups but {len(experts)} experts")
     d, idx = am.data, []
     for m, (task, e) in enumerate(zip(am.tasks, experts)):
@@ -96,11 +96,6 @@ def memory_data(am: Amalgamation, # the setting: data and the experts' class gro
                         d.mean, d.std, d.pad, d.flip, d.source)
 
 # %% ../nbs/13_mec.ipynb #e94f3c19
-def _check_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
 def _pool_to(f: Tensor, size: tuple) -> Tensor:
     "An expert's feature map average-pooled to the student's spatial size (kept when they match)."
     return upcast(f) if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(upcast(f), size)
@@ -120,8 +115,8 @@ class MEC(Amalgamating):
                  merl: bool = True,           # multi-expert representation learning (Eq. 4–6)
                  cal: bool = True):           # the heads, the anchor and the per-head KD; False: one head and KA's target
         super().__init__(T, gamma)
-        self.lam1, self.lam2, self.delta = check_nonneg("lam1", lam1), check_nonneg("lam2", lam2), _check_finite("delta", delta)
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0: raise ValueError(f"hidden must be an int >= 0, got {hidden!r}")
+        self.lam1, self.lam2, self.delta = check_nonneg("lam1", lam1), check_nonneg("lam2", lam2), check_finite("delta", delta)
+        check_int("hidden", hidden, 0)
         for k, v in (("merl", merl), ("cal", cal)):
             if not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
         self.hidden, self.merl, self.cal = hidden, merl, cal
@@ -228,8 +223,7 @@ def first_experts(am: Amalgamation, # the full setting
                   n: int,           # how many of its experts, from the first
                  ) -> Amalgamation:
     "The setting of the first `n` experts: the data of their classes only, relabelled 0..K'−1 in class order, and their tasks renumbered."
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(am.tasks):
-        raise ValueError(f"n must be an int from 1 to {len(am.tasks)}, got {n!r}")
+    check_int("n", n, 1, len(am.tasks))
     keep, d = torch.cat(am.tasks[:n]).sort().values, am.data
     new = torch.full((d.n_classes,), -1, dtype=torch.int64)
     new[keep] = torch.arange(len(keep))

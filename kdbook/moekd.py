@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
-from .core import check_choice, check_nonneg, check_temperature, upcast
+from .core import check_choice, check_int, check_nonneg, check_temperature, upcast
 from .data import DeviceLoader, median_times
 from .models import ModelOut, conv_bn_relu, create_model, global_pool
 from .learner import Distiller, Method, TrainConfig, register_method
@@ -248,9 +248,7 @@ class MoEKD(MixtureKD):
         self.tau, self.teacher = check_temperature(tau), check_teacher_index(teacher)
         self.ablation = check_choice("ablation", ablation, ABLATIONS)
         self.prototypes = check_choice("prototypes", prototypes, PROTOTYPES)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        self.factor = factor
+        self.factor = check_int("factor", factor, 1)
 
     @property
     def teacher_outputs(self) -> bool:
@@ -338,9 +336,7 @@ class MoEKDEnsemble(MixtureKD):
                  factor: int = 2):                  # each 𝒢_m's bottleneck
         super().__init__()
         self.tau, self.teacher_gate = check_temperature(tau), check_choice("teacher_gate", teacher_gate, TEACHER_GATES)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        self.factor = factor
+        self.factor = check_int("factor", factor, 1)
 
     def setup(self, student, bank, batch):
         x = batch[0]
