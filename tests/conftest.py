@@ -47,3 +47,11 @@ def nbdev_proc(tmp_path_factory):
     shutil.copytree(root / "kdbook", tmp / "kdbook", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run(["nbdev-proc-nbs"], cwd=tmp, capture_output=True, text=True, timeout=900)
     return tmp, r.returncode, r.stdout + r.stderr
+
+
+@pytest.fixture(params=["digits", "fashion-mnist"])
+def cli_data(request, tmp_path, monkeypatch) -> str:
+    "A dataset for a `kdbook run` test with a fresh cache: the embedded digits, and Fashion-MNIST where Debian's package is."
+    if request.param == "fashion-mnist": require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    return request.param

@@ -9,7 +9,7 @@ from kdbook.data import load_dataset
 from kdbook.learner import Distiller, TrainConfig, make_method
 from kdbook.models import create_model
 from kdbook.cfl import SIGMAS, Amalgamation, CFL, KA, check_expert_outputs, mmd, public_mmd, union_logits
-from conftest import FASHION_MNIST, quick_run, require_system
+from conftest import quick_run
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -61,20 +61,9 @@ def test_amalgamating_methods_train_and_report_per_task_accuracy(name, settings)
     assert math.isfinite(h["train_loss"]) and len(h["test_tasks"]) == 2 and all(0 <= a <= 100 for a in h["test_tasks"])
 
 
-def _run_cli(tmp_path, data):
-    res = quick_run(tmp_path, data, "--experts", "2", methods="ka,cfl")
+def test_cli_amalgamates_experts(tmp_path, cli_data):
+    res = quick_run(tmp_path, cli_data, "--experts", "2", methods="ka,cfl")
     for m in ("ka", "cfl"):
         run = res["runs"][f"{m}/0"]
         assert run["status"] == "ok" and len(run["tasks"]) == 2 and all(0 <= a <= 100 for a in run["tasks"]), run
     assert sorted(sum((t["classes"] for t in res["teachers"]), [])) == list(range(10))
-
-
-def test_cli_amalgamates_experts_on_digits(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "digits")
-
-
-def test_cli_amalgamates_experts_on_fashion_mnist(tmp_path, monkeypatch):
-    require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "fashion-mnist")

@@ -12,7 +12,7 @@ from kdbook.learner import Distiller, TrainConfig, make_method
 from kdbook.models import create_model
 from kdbook.mec import (MEC, channel_kl, first_experts, free_energy, head_free_energies, head_layout, mec_scores, memory_data,
                         reconstruction_norm)
-from conftest import FASHION_MNIST, quick_run, require_system
+from conftest import quick_run
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -124,23 +124,12 @@ def test_mec_refuses_bad_settings(kw, msg):
     with pytest.raises(ValueError, match=msg): MEC(**kw)
 
 
-def _run_cli(tmp_path, data):
-    res = quick_run(tmp_path, data, "--experts", "5", "--memory", "5", "--set", "mec.delta=-3", methods="ka,cfl,mec")
+def test_cli_runs_mec_on_the_memory(tmp_path, cli_data):
+    res = quick_run(tmp_path, cli_data, "--experts", "5", "--memory", "5", "--set", "mec.delta=-3", methods="ka,cfl,mec")
     for m in ("ka", "cfl", "mec"):
         run = res["runs"][f"{m}/0"]
         assert run["status"] == "ok" and len(run["tasks"]) == 5 and len(run["tasks_any"]) == 5, run
     assert res["runs"]["mec/0"]["hparams"]["delta"] == -3.0 and len(res["runs"]["mec/0"]["record"]["heads_from_experts"]) == 5
-
-
-def test_cli_runs_mec_on_the_memory_on_digits(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "digits")
-
-
-def test_cli_runs_mec_on_the_memory_on_fashion_mnist(tmp_path, monkeypatch):
-    require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "fashion-mnist")
 
 
 @pytest.mark.parametrize("argv,msg", [(["--memory", "5"], "--memory 5 selects exemplars under each expert: it needs --experts N"),

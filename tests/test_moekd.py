@@ -12,7 +12,7 @@ from kdbook.models import create_model
 from kdbook.moekd import (MoEKD, MoEKDEnsemble, SRRL, class_prototypes, elbo, log_expert_likelihood, log_matmul_exp,
                           mixture_log_likelihood, mixture_scores, posterior, shared_expert_log_likelihood,
                           shared_mixture_scores, teacher_probs)
-from conftest import FASHION_MNIST, quick_run, require_system
+from conftest import quick_run
 
 PINNED = Path(__file__).parent / "fixtures" / "pinned_moekd.json"
 
@@ -119,21 +119,10 @@ def test_a_teacher_over_other_classes_is_refused():
         _distiller(MoEKD(), teachers=[create_model("cnn_small", 5, 1)]).setup()
 
 
-def _run_cli(tmp_path, data):
-    res = quick_run(tmp_path, data, methods="kd,srrl,moekd,moekd_multi")
+def test_cli_runs_the_single_teacher_methods(tmp_path, cli_data):
+    res = quick_run(tmp_path, cli_data, methods="kd,srrl,moekd,moekd_multi")
     for m in ("kd", "srrl", "moekd", "moekd_multi"):
         run = res["runs"][f"{m}/0"]
         assert run["status"] == "ok" and 0 < run["top1"] <= 100, run
     assert res["runs"]["moekd/0"]["hparams"]["teacher"] == 0
     assert len(res["runs"]["moekd_multi/0"]["record"]["teacher_responsibility"]) == 3
-
-
-def test_cli_runs_the_single_teacher_methods_on_digits(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "digits")
-
-
-def test_cli_runs_the_single_teacher_methods_on_fashion_mnist(tmp_path, monkeypatch):
-    require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
-    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
-    _run_cli(tmp_path, "fashion-mnist")
