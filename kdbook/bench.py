@@ -20,6 +20,7 @@ from .aekd import aekd_speed
 from .moekd import moekd_memory, moekd_speed
 from .cfl import cfl_speed
 from .mec import mec_speed
+from .mmkd import mmkd_speed
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -81,6 +82,7 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     out["moekd_memory"] = moekd_memory(32 if quick else 256, 1000, 1000)
     out["cfl"] = cfl_speed(5, 64, reps=3 if quick else 20, device=str(dev))
     out["mec"] = mec_speed(mnist_like, 5, 64, reps=3 if quick else 20, device=str(dev))
+    out["mmkd"] = mmkd_speed(mnist_like, 3, 64, reps=3 if quick else 15, device=str(dev))
     out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
@@ -129,6 +131,12 @@ def format_benchmarks(res: dict) -> str:
         e_ = res["mec"]
         lines.append(f"MEC step vs KA step          {e_['mec_vs_ka']:6.2f}x   ({e_['experts']} experts, batch {e_['batch']}, {e_['student']}: "
                      f"CAL only {e_['cal_only_vs_ka']:.2f}x, MERL only {e_['merl_only_vs_ka']:.2f}x; KA {1e3 * e_['t_ka']:.1f} ms)")
+    if "mmkd" in res:
+        k_ = res["mmkd"]
+        lines.append(f"MMKD step vs AVER step       {k_['exact_vs_aver']:6.2f}x   ({k_['teachers']} -> {k_['student']}, batch {k_['batch']}, meta step every "
+                     f"{k_['period']}: exact; first order {k_['first_order_vs_aver']:.2f}x; vs FitNet-MKD {k_['exact_vs_fitnet']:.2f}x)")
+        lines.append(f"code's replay vs our meta step {k_['replay_vs_exact']:4.2f}x   (Reverse-HG with a state copy per step vs functional_call: "
+                     f"{1e3 * k_['t_meta_replay']:.1f} vs {1e3 * k_['t_meta_exact']:.1f} ms)")
     if "gradcam" in res:
         c = res["gradcam"]
         lines.append(f"Grad-CAM batched vs per image {c['ratio']:5.1f}x   ({c['n']} images, {c['arch']}: one pass {c['batched_s']:.2f} s "

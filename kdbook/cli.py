@@ -23,7 +23,7 @@ from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_para
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
 from .mec import memory_data
-import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl, kdbook.mec   # noqa: F401 -- importing a chapter registers its methods
+import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl, kdbook.mec, kdbook.mmkd   # noqa: F401 -- importing a chapter registers its methods
 
 # %% ../nbs/90_cli.ipynb #52a7df02
 @dataclasses.dataclass
