@@ -78,7 +78,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(env, tmp_path):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-c", "import sys; from kdbook.cli import main; sys.exit(main())", "run",
                           "--epochs", "200", "--teacher-epochs", "2", "--seeds", "1", "--methods", "aver", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # a background job's SIGINT is ignored; the user's is not
     deadline = time.time() + 300
     while not list((out / "runs").glob("ce/*/checkpoints/latest")) and time.time() < deadline: time.sleep(0.2)
     p.send_signal(signal.SIGINT)
