@@ -448,9 +448,8 @@ def test_no_symbol_is_documented_twice(nbdev_proc):
     assert not found, f"show_doc entries that appear twice, per page: {found}"
 
 
-@pytest.mark.xfail(reason="show_doc runs at docs time in a kernel where the page's own classes live in __main__, so "
-                          "signatures read `cfg:__main__.TrainConfig`; string annotations (`from __future__ import "
-                          "annotations` in the exported modules) would print the bare names", strict=False)
 def test_signatures_do_not_name_main(nbdev_proc):
+    "show_doc runs at docs time in a kernel where the page's own classes live in `__main__`; with string annotations (`from "
+    "__future__ import annotations` first in every exported module) its signatures print the bare names."
     found = {name: m for name in sidebar_pages() if (m := main_types(_processed(nbdev_proc, name)))}
     assert not found, f"`__main__.` in show_doc signatures, per page: {found}"
