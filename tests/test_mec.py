@@ -143,3 +143,4 @@ def test_cli_refuses_bad_memory_and_delta(tmp_path, monkeypatch, capsys, argv, m
     except SystemExit as e: code = e.code   # argparse refuses a bad flag value by exiting
     assert code == 2
     assert msg in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "teachers").exists()   # refused before any expert trained
