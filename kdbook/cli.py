@@ -202,8 +202,7 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
     try:
         ds = load_dataset(data)
         am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
-        fewest = int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())
-        if memory and memory > fewest:   # also before the experts train: the memory takes k images of every class
+        if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):   # before the experts train
             raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {data}")
         log(f"data: {data} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
         t0 = time.perf_counter()

@@ -175,15 +175,20 @@ def lookahead_coefficients(n: int, momentum: float = 0.0, nesterov: bool = False
     geo = [sum(momentum ** j for j in range(n - t)) for t in range(n)]
     return [1 + momentum * s for s in geo] if nesterov else geo
 
-def _first_order(problem, phi, theta, bufs, opt):
-    th, b, at = theta, bufs, []
+def _plain_lookahead(problem, phi, theta, bufs, opt) -> tuple:
+    "The look-ahead with no graph through its steps: each state θ_j before its step, and ∇L_outer(θ_k)."
+    th, b, states = theta, bufs, []
     for kind in problem.steps:
-        if kind == "match": at.append(th)
+        states.append(th)
         with torch.enable_grad():
             p = {k: v.detach().requires_grad_() for k, v in th.items()}
             g = torch.autograd.grad(problem.step_loss(p, phi, kind), list(p.values()), materialize_grads=True)
         with torch.no_grad(): th, b = sgd_step(th, dict(zip(p, g)), b, **opt)
-    u = grad(problem.outer_loss)(th)
+    return states, grad(problem.outer_loss)(th)
+
+def _first_order(problem, phi, theta, bufs, opt):
+    states, u = _plain_lookahead(problem, phi, theta, bufs, opt)
+    at = [th for th, kind in zip(states, problem.steps) if kind == "match"]
     coef = lookahead_coefficients(len(problem.steps), opt.get("momentum", 0.0), opt.get("nesterov", False))
     coef = [-opt["lr"] * c for c, kind in zip(coef, problem.steps) if kind == "match"]
     d_kl = d_mse = 0
@@ -196,16 +201,8 @@ def _first_order(problem, phi, theta, bufs, opt):
 def replay_hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict, opt: dict) -> dict:
     "The public code's Reverse-HG (`MetaSGD.meta_backward`) restated: a copy of the state before each step, then a reverse pass of Hessian-vector products that models heavy-ball momentum."
     lr, mu, wd = opt["lr"], opt.get("momentum", 0.0), opt.get("weight_decay", 0.0)
-    saved, th, b = [], theta, bufs
-    for kind in problem.steps:
-        saved.append(({k: v.clone() for k, v in th.items()}, kind))
-        with torch.enable_grad():
-            p = {k: v.detach().requires_grad_() for k, v in th.items()}
-            g = dict(zip(p, torch.autograd.grad(problem.step_loss(p, phi, kind), list(p.values()), materialize_grads=True)))
-        th, b = sgd_step(th, g, b, **opt)
-    with torch.enable_grad():
-        p = {k: v.detach().requires_grad_() for k, v in th.items()}
-        a0 = dict(zip(p, torch.autograd.grad(problem.outer_loss(p), list(p.values()), materialize_grads=True)))
+    states, a0 = _plain_lookahead(problem, phi, theta, bufs, opt)
+    saved = [({k: v.clone() for k, v in th.items()}, kind) for th, kind in zip(states, problem.steps)]   # the code's copy per step
     a1 = {k: torch.zeros_like(v) for k, v in a0.items()}
     out = {k: torch.zeros_like(v) for k, v in phi.items()}
     for th_t, kind in reversed(saved):

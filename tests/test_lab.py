@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def lab(tmp_path):
-    "JupyterLab on a free loopback port, serving a folder with a copy of the chapter; yields its URL."
+    "JupyterLab on a free loopback port, serving a folder with a copy of the chapter; yields its URL and a Chromium tab."
     exe = chromium()
     require_system(exe is not None, "Chromium")
     book = tmp_path / "book"     # the chapter and the fixture it reads (../tests/fixtures), in the repository's layout
