@@ -252,6 +252,14 @@ def _in_notebook() -> bool:
         return type(get_ipython()).__name__ == "ZMQInteractiveShell"
     except ImportError: return False
 
+def _shows_rich_output() -> bool:
+    "An IPython shell other than the terminal's: its displays reach a notebook (also when a runner records them)."
+    try:
+        from IPython import get_ipython
+        sh = get_ipython()
+        return sh is not None and type(sh).__name__ != "TerminalInteractiveShell"
+    except ImportError: return False
+
 def _fmt_secs(s: float) -> str:
     s = int(round(s)); return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
@@ -301,8 +309,8 @@ class ProgressCallback(Callback):
 
 # %% ../nbs/03_learner.ipynb #e5cd77bf
 class LivePlotCallback(Callback):
-    "A plotly `FigureWidget` of training loss and test accuracy, redrawn after every epoch."
-    def __init__(self, title: str = ""): self.title, self.fig = title, None
+    "A plotly `FigureWidget` of training loss and test accuracy, redrawn after every epoch; when training ends the finished figure (a plain `go.Figure`) takes the widget's place, so the saved notebook and the site show it without a kernel."
+    def __init__(self, title: str = ""): self.title, self.fig, self.handle = title, None, None
 
     def before_fit(self, learn):
         from plotly.subplots import make_subplots
@@ -312,9 +320,9 @@ class LivePlotCallback(Callback):
         fig.add_scatter(x=[], y=[], name="top-1", row=1, col=2)
         fig.update_layout(height=280, showlegend=False, title=self.title, margin=dict(t=50, b=30))
         self.fig = go.FigureWidget(fig)
-        if _in_notebook():
+        if _shows_rich_output():   # Jupyter, or a runner recording the outputs (execnb, nbclient)
             from IPython.display import display
-            display(self.fig)
+            self.handle = display(self.fig, display_id=True)
         self._draw(learn)
 
     def _draw(self, learn):
@@ -325,6 +333,10 @@ class LivePlotCallback(Callback):
             self.fig.data[1].y = [r["test_top1"] for r in h if "test_top1" in r]
 
     def after_epoch(self, learn): self._draw(learn)
+
+    def after_fit(self, learn):
+        import plotly.graph_objects as go
+        if self.handle is not None: self.handle.update(go.Figure(self.fig))
 
 # %% ../nbs/03_learner.ipynb #e310a619
 class MetricsLogCallback(Callback):

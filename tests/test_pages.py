@@ -17,7 +17,7 @@ them, so a person can look. Things a reader would stumble on that are not errors
 its state, `__main__.` in a signature, a figure with no data) are reported as warnings; `KDBOOK_PAGES_STRICT=1` makes
 them failures.
 """
-import functools, http.server, json, os, re, shutil, subprocess, threading, time, warnings
+import functools, http.server, json, os, re, shutil, subprocess, sys, threading, time, warnings
 from base64 import b64decode
 from pathlib import Path
 
@@ -429,18 +429,25 @@ def test_figures_do_not_bring_their_own_mathjax(nbdev_proc):
     assert not found, f"figure outputs that load MathJax, per page: {found}"
 
 
-@pytest.mark.xfail(reason="ipywidgets outputs (the live FigureWidget plots, the slider explorers) are saved without "
-                          "their widget state, so the site shows nothing where they are; the pages need a static "
-                          "figure beside (or instead of) each widget, or the widget state saved", strict=False)
 def test_widget_outputs_can_be_shown_on_the_site(nbdev_proc):
-    found = {}
+    "No widget view is stored without its state (it would draw nothing on the site): tools/static_widgets.py drops it "
+    "where its cell stores the finished figure, else leaves a note, and every note has a static figure within two cells."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from static_widgets import is_note
+    found, bare = {}, {}
     for name in sidebar_pages():
         nb = _processed(nbdev_proc, name)
         state = widget_state(nb)
         n = sum(WIDGET_MIME in o.get("data", {}) and o["data"][WIDGET_MIME].get("model_id") not in state
                 for o in _outputs(nb))
         if n: found[name] = n
+        cells = [c for c in nb["cells"] if c.get("cell_type") == "code"]
+        figs = [any(PLOTLY_MIME in o.get("data", {}) for o in c.get("outputs", [])) for c in cells]
+        for i, c in enumerate(cells):
+            if any(is_note(o) for o in c.get("outputs", [])) and not any(figs[max(0, i - 2):i + 3]):
+                bare.setdefault(name, []).append("".join(c["source"])[:60])
     assert not found, f"widget outputs without their saved state, per page: {found}"
+    assert not bare, f"widget cells with no static figure within two code cells, per page: {bare}"
 
 
 def test_no_symbol_is_documented_twice(nbdev_proc):

@@ -7,6 +7,7 @@ os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype+notebook_connected")
 from nbdev.process import read_nb, write_nb
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from strip_figure_mathjax import strip_outputs
+from static_widgets import static_outputs
 from execnb.shell import CaptureShell
 p = argparse.ArgumentParser(); p.add_argument("nb"); p.add_argument("--skip", nargs="*", default=[]); a = p.parse_args()
 path = os.path.abspath(a.nb); os.chdir(os.path.dirname(path))
@@ -21,6 +22,7 @@ for c in nb.cells:   # execnb records `fig.show()`'s None as an empty result: dr
     # the "notebook" renderer's one-off injection of plotly.js itself (megabytes), if PLOTLY_RENDERER asks for it
     if c.get("outputs"): c.outputs = [o for o in c.outputs if "* plotly.js v" not in "".join(o.get("data", {}).get("text/html", ""))[:2000]]
     if c.get("outputs"): strip_outputs(c.outputs)   # the figures' own MathJax: the page has one
+    if c.get("outputs"): c.outputs = static_outputs(c.outputs)[0]   # widget views saved without state (tools/static_widgets.py)
     # terminal control sequences alone (a progress bar's line clears): nothing to show
     if c.get("outputs"): c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and not re.sub(r"\x1b\[[0-9;]*[A-Za-z]|\r", "", "".join(o.get("text", ""))).strip())]
 write_nb(nb, path)
