@@ -18,6 +18,7 @@ from .core import check_choice, kd_loss, kd_logit_grad, upcast
 from .data import median_times
 from .models import TeacherOut, create_model
 from .learner import register_method
+from .dist import all_reduce, current
 from .baselines import MultiTeacherKD, AVER, build_regressors
 
 # %% auto #0
@@ -237,12 +238,18 @@ GRAMS = ("sum", "mean", "sample")
 
 def logit_gram(g: Tensor, # per-sample logit gradients `[M, B, K]`
                gram: str = "sum", # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
+               sync: bool = False, # under DDP: the Gram of the global batch (every rank then solves the same QP)
               ) -> Tensor: # `[M, M]`, or `[B, M, M]` for "sample"
     "The Gram matrix AE-KD's QP is solved on: Σ_b G_b (Eq. 13), the Gram of the batch-mean gradients (the code), or each G_b."
     check_choice("gram", gram, GRAMS)
-    if gram == "sum": return torch.einsum("mbk,nbk->mn", g, g)
-    if gram == "mean": return g.mean(1) @ g.mean(1).T
-    return torch.einsum("mbk,nbk->bmn", g, g)
+    if gram == "sum":   # a sum over samples: the ranks' sums add up to the global batch's
+        G = torch.einsum("mbk,nbk->mn", g, g)
+        return all_reduce(G, "sum") if sync else G
+    if gram == "mean":   # the mean gradient of the global batch is the mean of the ranks' (equal shares)
+        v = g.mean(1)
+        if sync: v = all_reduce(v.contiguous(), "mean")
+        return v @ v.T
+    return torch.einsum("mbk,nbk->bmn", g, g)   # per sample: nothing crosses ranks
 
 # %% ../nbs/10_aekd.ipynb #6569589f
 def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
@@ -251,10 +258,11 @@ def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
                  C: float = 0.6, # the cap, in [1/M, 1]
                  gram: str = "sum", # see `logit_gram`
                  check: bool = True, # validate the Gram (host sync); off in the training loop
+                 sync: bool = False, # under DDP: solve on the global batch's Gram (see `logit_gram`)
                  **solver, # passed to `capped_simplex_min_norm` (e.g. a warm start `a0`)
                 ) -> Tensor: # weights `[M]`, or `[M, B]` for gram="sample"
     "AE-KD's teacher weights: the capped min-norm point for the Gram of the logit gradients of Eq. 14."
-    G = logit_gram(kd_logit_grad(upcast(s_logits), upcast(t_logits), T), gram)   # the student's [B, K] broadcasts
+    G = logit_gram(kd_logit_grad(upcast(s_logits), upcast(t_logits), T), gram, sync)   # the student's [B, K] broadcasts
     a = capped_simplex_min_norm(G, C, check=check, **solver)
     return a.T if gram == "sample" else a
 
@@ -273,9 +281,11 @@ HINT_FORMS = ("paper", "code")
 def normalized_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]`
                        C: float, # the cap, in [1/M, 1]
                        check: bool = True, # validate the Gram (host sync)
+                       sync: bool = False, # under DDP: the global batch's mean gradients (the ranks' means averaged)
                       ) -> Tensor: # weights `[M]`, summing to 1 (each may exceed C), at least float32
     "The public code's hint weights (`is_norm=True`): the QP on L2-normalised batch-mean gradients, then α_m/‖ḡ_m‖ renormalised."
     v = grads.reshape(grads.shape[0], grads.shape[1], -1).mean(1).double()
+    if sync: v = all_reduce(v, "mean")   # a common factor on every ḡ_m (the per-rank means of 1/B-scaled gradients) cancels below
     norm = v.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     u = v / norm[:, None]
     a = capped_simplex_min_norm(u @ u.T, C, check=check) / norm
@@ -285,12 +295,14 @@ def hint_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]` with respe
                  C: float, # the cap, in [1/M, 1]
                  form: str = "paper", # "paper": Eq. 13/16 on the whole gradients; "code": `normalized_weights`
                  check: bool = True, # validate the Gram (host sync)
+                 sync: bool = False, # under DDP: the global batch's Gram (a sum over samples: all-reduced)
                 ) -> Tensor: # weights `[M]` on the capped simplex ("paper"), or summing to 1 ("code"); at least float32
     "AE-KD*'s hint weights α', in the paper's form (Eq. 16) or the public code's."
     check_choice("form", form, HINT_FORMS)
-    if form == "code": return normalized_weights(grads, C, check)
+    if form == "code": return normalized_weights(grads, C, check, sync)
     u = grads.reshape(grads.shape[0], -1).double()
-    return capped_simplex_min_norm(u @ u.T, C, check=check).to(torch.promote_types(grads.dtype, torch.float32))
+    G = all_reduce(u @ u.T, "sum") if sync else u @ u.T   # ranks' gradients are scaled by 1/(B/W), not 1/B: a common factor, the QP ignores it
+    return capped_simplex_min_norm(G, C, check=check).to(torch.promote_types(grads.dtype, torch.float32))
 
 # %% ../nbs/10_aekd.ipynb #2bf4fa51
 @register_method
@@ -355,7 +367,7 @@ def teacher_weights(self: AEKD, s_logits: Tensor, t_logits: Tensor, y: Tensor) -
     M, B = t_logits.shape[:2]
     self._check_M(M)
     last = self._buf[self._n - 1] if self._n and self.gram != "sample" else None
-    w = aekd_weights(s_logits, t_logits, self.T, self.C, self.gram, check=False, a0=last)
+    w = aekd_weights(s_logits, t_logits, self.T, self.C, self.gram, check=False, sync=current().active, a0=last)
     self._log(w if w.dim() == 1 else w.mean(1))
     return w[:, None].expand(M, B) if w.dim() == 1 else w
 
@@ -375,6 +387,7 @@ class AEKDFeat(AEKD):
     paper = "Du et al., NeurIPS 2020: AE-KD with feature hints (AE-KD*)"
     chapter = "aekd"
     teacher_feats = True
+    sync_bn_ok = False   # the hint gradients are batched (is_grads_batched) through the regressors (chapter 06)
 
     def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 0.9,
                  beta: float = 100.0,           # β, weight of the hint term (README: 100; code default: 0)
@@ -393,7 +406,7 @@ class AEKDFeat(AEKD):
     def feature_loss(self, s, t, y):
         fs = s.feats[self.layer]
         H = torch.stack([F.mse_loss(upcast(r(fs)), upcast(ft[self.layer])) for r, ft in zip(self.regressors, t.feats)])
-        w = hint_weights(feature_grads(H, fs), self.C, self.hint_form, check=False).to(H.dtype)
+        w = hint_weights(feature_grads(H, fs), self.C, self.hint_form, check=False, sync=current().active).to(H.dtype)
         self.last_feat_weights = w.detach()
         return (w * H).sum()
 

@@ -19,6 +19,7 @@ from .moekd import moekd_memory, moekd_speed
 from .cfl import cfl_speed
 from .mec import mec_speed
 from .mmkd import mmkd_speed
+from .dist import ddp_speed
 
 # %% auto #0
 __all__ = ['synthetic_dataset', 'distill_throughput', 'run_benchmarks', 'format_benchmarks']
@@ -85,6 +86,7 @@ def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
     out["mec"] = mec_speed(mnist_like, 5, 64, reps=3 if quick else 20, device=str(dev))
     out["mmkd"] = mmkd_speed(mnist_like, 3, 64, reps=3 if quick else 15, device=str(dev))
     out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
+    out["ddp"] = ddp_speed("aver", 2, 128, steps=4 if quick else 20)   # gloo processes on the CPU (chapter 06)
     if dev.type == "cuda":
         out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
                                                device=str(dev))
@@ -142,6 +144,10 @@ def format_benchmarks(res: dict) -> str:
         c = res["gradcam"]
         lines.append(f"Grad-CAM batched vs per image {c['ratio']:5.1f}x   ({c['n']} images, {c['arch']}: one pass {c['batched_s']:.2f} s "
                      f"vs one attribute call per image {c['loop_s']:.2f} s)")
+    if "ddp" in res:
+        p = res["ddp"]
+        lines.append(f"DDP {p['world_size']} processes vs 1        {p['speedup']:6.2f}x   ({p['method']}, global batch {p['batch_size']}, gloo on the CPU, "
+                     f"{p['threads']} threads in all: {p['ddp_images_per_s']:,.0f} vs {p['one_images_per_s']:,.0f} images/s)")
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "

@@ -18,6 +18,7 @@ from .data import ExpertSplit, ImageDataset, Split, expert_split, median_times
 from .models import ModelOut
 from .learner import Method, TrainConfig, register_method, train_teachers
 from .baselines import check_teacher_index
+from .dist import all_gather_cat
 
 # %% auto #0
 __all__ = ['SIGMAS', 'SPACES', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_permutation_test', 'check_tasks', 'check_expert_outputs',
@@ -237,6 +238,7 @@ class CFL(Amalgamating):
         hs, hts, recs = self.common(fs, fts)
         flat = lambda h: F.normalize(upcast(h).flatten(1), dim=1)
         hs_, ht_ = flat(hs), torch.stack([flat(h) for h in hts])                       # [B, D], [N, B, D]
+        hs_, ht_ = all_gather_cat(hs_, 0), all_gather_cat(ht_, 1)   # under DDP: every rank's samples, differentiably (chapter 06)
         mmds = mmd(hs_.expand_as(ht_), ht_)                                              # all experts, all kernels, one call
         return mmds.sum() + sum(F.mse_loss(upcast(r), f) for r, f in zip(recs, fts))
 

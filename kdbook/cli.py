@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
+from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, launcher_env, rank_device, shutdown
 from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_param, method_factories, resolve_device,
                             run_study, train_teachers)
 from .baselines import check_teacher_index
@@ -137,6 +138,13 @@ def _run_parser(sub) -> None:
     r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the preset's: 1 for digits and fashion-mnist)")
     r.add_argument("--out", default="kdbook-run", help="output folder for results.json, report.html, checkpoints (default: kdbook-run)")
     r.add_argument("--fresh", action="store_true", help="ignore finished runs in --out and start over")
+    g = r.add_argument_group("several processes (chapter 06): start with torchrun --nproc_per_node=N -m kdbook.cli run ...")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="process-group backend under torchrun (default: auto = nccl on GPUs, gloo on the CPU)")
+    g.add_argument("--lr-rule", default="global", choices=LR_RULES,
+                   help="global (default): the batch size is the global batch, split across the processes, lr unchanged "
+                        "(the same training as one process); linear: each process takes the full batch and lr is multiplied by the number of processes")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
 def build_parser() -> argparse.ArgumentParser:
     "The `kdbook` argument parser: `run`, `data`, `bench`."
@@ -200,7 +208,9 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
     threads, saved = threads or pre.threads, torch.get_num_threads()
     if threads and dev.type == "cpu": torch.set_num_threads(threads)
     try:
-        ds = load_dataset(data)
+        if current().is_main: ds = load_dataset(data)      # under torchrun rank 0 fetches (and unpacks) first, the others then read it
+        barrier()
+        if not current().is_main: ds = load_dataset(data)
         am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
         if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):   # before the experts train
             raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {data}")
@@ -225,7 +235,7 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
     if reused: log(f"reused {reused} finished runs with the same settings from {out / 'results.json'}")
     result = res.to_json()
     if (out / "report.html").exists(): log(f"replacing {out / 'report.html'}")
-    write_report(result, out / "report.html")
+    if current().is_main: write_report(result, out / "report.html")   # under torchrun: rank 0 alone
     return result
 
 # %% ../nbs/90_cli.ipynb #628274a2
@@ -305,16 +315,28 @@ def main(argv=None) -> int:
     if args.command == "data": print(data_report()); return 0
     if args.command == "bench": print(bench_report(args.device)); return 0
     t0 = time.perf_counter()
+    try:   # under torchrun: join the process group; every rank trains, rank 0 alone prints and writes
+        d = init_distributed(args.backend, args.device, args.lr_rule, sync_bn=args.sync_bn)
+    except ValueError as e:
+        print(f"kdbook: error: {e}", file=sys.stderr); return 2
+    quiet = lambda *a, **k: None
     try:
         res = preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
-                           args.seeds, args.batch_size, args.lr, args.device, args.out, args.fresh, args.set, args.threads,
-                           recipe=args.recipe, experts=args.experts, memory=args.memory)
+                           args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
+                           args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
+                           log=print if d.is_main else quiet)
     except (ValueError, FileNotFoundError) as e:
+        shutdown(wait=False)
         print(f"kdbook: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
+        shutdown(wait=False)
         print(f"\nkdbook: interrupted; finished runs are kept in {Path(args.out) / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    except BaseException:
+        shutdown(wait=False); raise
+    shutdown()   # every rank finished: leave the group together
+    if not d.is_main: return 1 if any(r["failed"] for r in res["summary"]) else 0
     print()
     print(format_table(res["summary"]))
     print(f"\nresults: {Path(args.out) / 'results.json'}   report: {Path(args.out) / 'report.html'}   "
@@ -322,3 +344,6 @@ def main(argv=None) -> int:
     failed = [r["method"] for r in res["summary"] if r["failed"]]
     if failed: print(f"kdbook: some runs failed: {', '.join(failed)} (errors in results.json)", file=sys.stderr)
     return 1 if failed else 0
+
+# `python -m kdbook.cli` (how torchrun -m starts it); not when this page's cells run in a notebook kernel, also named __main__
+if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "kdbook.cli": sys.exit(main())

@@ -89,14 +89,14 @@ class ImageDataset:
     @property
     def image_size(self) -> int: return self.train.x.shape[-1]
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> "ImageDataset":
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> ImageDataset:
         "A stratified, seeded subset: `n_train` / `n_test` samples (None keeps the whole split)."
         tr = self.train if n_train is None else self.train.take(_stratified_indices(self.train.y, n_train, seed))
         te = self.test if n_test is None else self.test.take(_stratified_indices(self.test.y, n_test, seed + 1))
         return ImageDataset(f"{self.name}[{len(tr)}/{len(te)}]", tr, te, self.classes, self.mean, self.std,
                             self.pad, self.flip, self.source)
 
-    def loader(self, split: str = "train", batch_size: int = 512, device="cpu", channels_last: bool | None = None) -> "DeviceLoader":
+    def loader(self, split: str = "train", batch_size: int = 512, device="cpu", channels_last: bool | None = None) -> DeviceLoader:
         "A split in order, un-augmented, normalised with the dataset's statistics: for passes that do not train (statistics, features, evaluation)."
         if split not in ("train", "test"): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return DeviceLoader(getattr(self, split), batch_size, train=False, mean=self.mean, std=self.std, device=device,
@@ -362,6 +362,7 @@ class DeviceLoader:
                  device="cpu", seed: int = 0,
                  drop_last: bool | None = None, # default: `train`
                  channels_last: bool | None = None, # default: on CUDA
+                 rank: int = 0, world_size: int = 1, # under DDP: this rank's share of every global batch (train) or of the split (eval)
                 ):
         C = split.x.shape[1]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -372,8 +373,18 @@ class DeviceLoader:
             raise ValueError(f"mean and std need one value per channel ({C}), got {len(mean)} and {len(std)}")
         if not all(s > 0 for s in std): raise ValueError(f"std must be > 0, got {std}")
         self.drop_last = train if drop_last is None else bool(drop_last)
-        if self.drop_last and batch_size > len(split):
-            raise ValueError(f"batch_size {batch_size} > {len(split)} samples with drop_last=True: no batch would be produced")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if train and world_size > 1 and not self.drop_last:
+            raise ValueError("a training loader shared by several ranks drops the last partial global batch (drop_last=True): "
+                             "every rank must take the same number of steps")
+        if self.drop_last and batch_size * world_size > len(split):
+            per = f" ({world_size} ranks × {batch_size} per rank)" if world_size > 1 else ""
+            raise ValueError(f"batch_size {batch_size * world_size}{per} > {len(split)} samples with drop_last=True: no batch "
+                             "would be produced" + ("; use fewer processes or a smaller batch" if world_size > 1 else ""))
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
         self.batch_size, self.train, self.pad, self.flip, self.seed, self.epoch = batch_size, train, pad, flip, seed, 0
@@ -387,19 +398,26 @@ class DeviceLoader:
         self.epoch = int(epoch)
 
     def __len__(self):
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, b = len(self.y), self.batch_size
+        if not self.train: n = len(self._shard())   # eval: this rank's contiguous share of the split
+        else: b = b * self.world_size                 # train: steps of one global batch
+        return n // b if self.drop_last else math.ceil(n / b)
+
+    def _shard(self) -> Tensor:
+        "Eval: the indices this rank evaluates (the split cut into `world_size` contiguous pieces; all of it on one process)."
+        return torch.arange(len(self.y), device=self.device).tensor_split(self.world_size)[self.rank]
 
     def __repr__(self):
+        ranks = f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
         return (f"DeviceLoader({len(self.y)} samples, batch_size={self.batch_size}, train={self.train}, pad={self.pad}, "
-                f"flip={self.flip}, device={self.device}, {len(self)} batches)")
+                f"flip={self.flip}, device={self.device}{ranks}, {len(self)} batches)")
 
 # %% ../nbs/01_data.ipynb #1c2f1b09
 @patch
 def _plan(self: DeviceLoader):
     "Order and augmentation of the current epoch, on the device."
     n = len(self.y)
-    if not self.train: return torch.arange(n, device=self.device), None
+    if not self.train: return self._shard(), None
     g = _epoch_generator(self.seed, self.epoch)
     order = torch.randperm(n, generator=g)
     dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
@@ -410,9 +428,11 @@ def _plan(self: DeviceLoader):
 # %% ../nbs/01_data.ipynb #5e0dd143
 @patch
 def __iter__(self: DeviceLoader):
-    order, aug = self._plan()
+    order, aug = self._plan()   # the whole epoch's order and augmentation: the same on every rank (seeded)
+    # rank r takes the r-th piece of each global batch of world_size × batch_size samples (one process: the whole batch)
+    step, start = self.batch_size * (self.world_size if self.train else 1), self.batch_size * (self.rank if self.train else 0)
     for b in range(len(self)):
-        sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        sl = slice(b * step + start, b * step + start + self.batch_size)
         idx = order[sl]
         x = self.x[idx]
         if aug is not None and (self.pad or self.flip): x = crop_flip(x, aug[0][sl], aug[1][sl], aug[2][sl], self.pad)
@@ -427,12 +447,13 @@ def make_loaders(ds: ImageDataset, batch_size: int, *,
                  eval_batch_size: int | None = None, # default: 2 * batch_size
                  augment: bool = True, # the dataset's random crop and flip for training (False: neither)
                  channels_last: bool | None = None, # default: on CUDA
+                 rank: int = 0, world_size: int = 1, # under DDP: this rank's shares (see `DeviceLoader`)
                 ) -> tuple[DeviceLoader, DeviceLoader]:
     "Train and test `DeviceLoader`s for `ds` with its own normalisation and (when `augment`) augmentation."
     if isinstance(batch_size, int) and batch_size > len(ds.train):
         raise ValueError(f"batch_size {batch_size} is larger than the training split ({len(ds.train)} samples)")
     pad, flip = (ds.pad, ds.flip) if augment else (0, False)
-    common = dict(mean=ds.mean, std=ds.std, device=device, channels_last=channels_last)
+    common = dict(mean=ds.mean, std=ds.std, device=device, channels_last=channels_last, rank=rank, world_size=world_size)
     return (DeviceLoader(ds.train, batch_size, train=True, pad=pad, flip=flip, seed=seed, **common),
             DeviceLoader(ds.test, eval_batch_size or 2 * batch_size, train=False, **common))
 

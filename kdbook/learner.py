@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .data import DeviceLoader, ImageDataset, cache_dir, make_loaders
+from .dist import all_gather_objects, all_reduce, all_reduce_grads, barrier, broadcast_object, current, lr_scale, per_rank_batch
 from .models import ModelOut, TeacherBank, TeacherOut, create_model
 
 # %% auto #0
@@ -102,6 +103,7 @@ class Method(nn.Module):
     needs_teachers = False   # the Distiller runs the TeacherBank each step
     teacher_feats = False    # ... and asks it for feature maps too
     teacher_outputs = True   # False: the method uses the teachers only in `setup`/`prepare` (a reused classifier, statistics), so no step runs them
+    sync_bn_ok = True        # False: the method differentiates through its modules in ways SyncBatchNorm's autograd does not support (chapter 06)
 
     def setup(self, student: nn.Module, bank: TeacherBank | None, batch: tuple) -> None:
         "Build modules whose shapes depend on the networks, from one sample `batch`."
@@ -397,9 +399,14 @@ class Distiller:
             self.bank = (teachers if isinstance(teachers, TeacherBank) else TeacherBank(list(teachers))).to(self.device)
         self.student = student.to(self.device)
         if self.channels_last: self.student = self.student.to(memory_format=torch.channels_last)
+        # under torchrun (chapter 06): this rank's share of each global batch, and the learning-rate rule's factor
+        self.dist = current()
+        W = self.dist.world_size
+        self.batch_per_rank = per_rank_batch(self.cfg.batch_size, W, self.dist.lr_rule)
+        self.lr_scale = lr_scale(W, self.dist.lr_rule)
         self.train_dl, self.test_dl = make_loaders(
-            data, self.cfg.batch_size, device=self.device, seed=self.cfg.seed, eval_batch_size=self.cfg.eval_batch_size,
-            augment=self.cfg.augment, channels_last=self.channels_last)
+            data, self.batch_per_rank, device=self.device, seed=self.cfg.seed, eval_batch_size=self.cfg.eval_batch_size,
+            augment=self.cfg.augment, channels_last=self.channels_last, rank=self.dist.rank, world_size=W)
         self.steps_per_epoch = len(self.train_dl)
         self._collect_callbacks(callbacks, progress, live_plot, resume)
         self.history, self.epoch, self.step, self.global_step = [], 0, 0, 0
@@ -408,13 +415,13 @@ class Distiller:
 # %% ../nbs/03_learner.ipynb #9c71e35a
 @patch
 def _collect_callbacks(self: Distiller, callbacks, progress, live_plot, resume):
-    cbs = list(callbacks)
-    if progress: cbs.append(ProgressCallback(console=None if progress == "auto" else (progress == "console")))
-    if live_plot: cbs.append(LivePlotCallback())
+    cbs, main = list(callbacks), self.dist.is_main   # under DDP only rank 0 reports and logs; every rank checkpoints (rank 0 writes)
+    if progress and main: cbs.append(ProgressCallback(console=None if progress == "auto" else (progress == "console")))
+    if live_plot and main: cbs.append(LivePlotCallback())
     self.checkpointer = None
     if self.out_dir is not None:
         self.checkpointer = CheckpointCallback(self.out_dir / "checkpoints", resume=resume)
-        cbs += [MetricsLogCallback(self.out_dir / "metrics.jsonl"), self.checkpointer]
+        cbs += ([MetricsLogCallback(self.out_dir / "metrics.jsonl")] if main else []) + [self.checkpointer]
     self.callbacks = sorted(cbs, key=lambda c: c.order)
 
 @patch
@@ -437,7 +444,22 @@ def setup(self: Distiller):
     if c.optimizer == "sgd":
         self.opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
     else: self.opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-    self.forward = torch.compile(self.student) if c.compile else self.student
+    net, self._method_params = self.student, [p for p in self.method.parameters() if p.requires_grad]
+    if self.dist.active:   # DDP: the student's gradients averaged in buckets during backward, its buffers from rank 0
+        from torch.nn.parallel import DistributedDataParallel
+        with torch.no_grad():   # the method's modules and buffers start as rank 0's (DDP does the student's)
+            for t in [*self.method.parameters(), *self.method.buffers()]: torch.distributed.broadcast(t, 0)
+        if self.dist.sync_bn and not self.method.sync_bn_ok:
+            raise ValueError(f"method {self.method.name!r} differentiates through its modules with torch.func or batched "
+                             "gradients, which SyncBatchNorm's autograd does not support: run it without --sync-bn")
+        if self.dist.sync_bn:   # BatchNorm over the global batch (GPUs): the student's and the method's modules'
+            self.student = net = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            for name, mod in list(self.method.named_children()): setattr(self.method, name, nn.SyncBatchNorm.convert_sync_batchnorm(mod))
+            self._method_params = [p for p in self.method.parameters() if p.requires_grad]
+        import warnings   # a weight with a dimension of size 1 (a 1-channel input conv) has two valid stride layouts: benign
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        net = DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    self.forward = torch.compile(net) if c.compile else net
     self._setup_done = True
     if self.checkpointer is not None: self.checkpointer.restore(self)
 
@@ -457,6 +479,7 @@ def train_step(self: Distiller, batch) -> dict:
         logs = self.method.loss(batch, s, t)
     self.opt.zero_grad(set_to_none=True)
     logs["loss"].backward()
+    if self.dist.active: all_reduce_grads(self._method_params)   # the method's modules (regressors, gates) sit outside DDP
     self.opt.step()
     return logs
 
@@ -469,8 +492,12 @@ def _note_finite(self: Distiller, loss: Tensor):
 
 @patch
 def _check_finite(self: Distiller):
-    "Read the flag (one host sync); raise `NonFiniteLossError` naming the step and the last good checkpoint."
-    bad = int(self._first_bad.item())
+    "Read the flag (one host sync; under DDP the first bad step of any rank); raise `NonFiniteLossError` naming the step and the last good checkpoint."
+    flag = self._first_bad
+    if self.dist.active:   # every rank stops at the same check, so none is left waiting in a collective
+        flag = all_reduce(torch.where(flag < 0, torch.full_like(flag, 2 ** 62), flag), "min")
+        flag = torch.where(flag == 2 ** 62, torch.full_like(flag, -1), flag)
+    bad = int(flag.item())
     if bad < 0: return
     epoch, step = divmod(bad, self.steps_per_epoch)
     last = self.checkpointer.latest() if self.checkpointer is not None else None
@@ -488,7 +515,8 @@ def _train_epoch(self: Distiller):
     sums, self._first_bad = {}, torch.full((), -1, dtype=torch.long, device=self.device)
     for self.step, batch in enumerate(self.train_dl):
         self.global_step = self.epoch * self.steps_per_epoch + self.step
-        for g in self.opt.param_groups: g["lr"] = learning_rate(self.cfg, self.epoch, self.step, self.steps_per_epoch)
+        lr = learning_rate(self.cfg, self.epoch, self.step, self.steps_per_epoch) * self.lr_scale
+        for g in self.opt.param_groups: g["lr"] = lr
         logs = self.train_step(batch)
         self._note_finite(logs["loss"])
         for k, v in logs.items():
@@ -505,7 +533,10 @@ def _train_epoch(self: Distiller):
 def _epoch_record(self: Distiller, sums: dict, t0: float) -> dict:
     "The epoch's mean training logs, test accuracy and seconds."
     n = self.steps_per_epoch
-    rec = {"epoch": self.epoch, "lr": learning_rate(self.cfg, self.epoch, 0, n)}
+    rec = {"epoch": self.epoch, "lr": learning_rate(self.cfg, self.epoch, 0, n) * self.lr_scale}
+    if self.dist.active and sums:   # the mean over ranks (each rank summed the logs of its own batches)
+        keys = sorted(sums)
+        sums = dict(zip(keys, all_reduce(torch.stack([sums[k] for k in keys]), "mean").unbind()))
     rec.update({("train_loss" if k == "loss" else f"train_{k}"): (v / n).item() for k, v in sums.items()})
     rec.update({f"test_{k}": v for k, v in self.evaluate().items()})
     rec["seconds"] = time.perf_counter() - t0
@@ -529,6 +560,11 @@ def evaluate(self: Distiller, split: str = "test") -> dict:
     dl = self.test_dl if split == "test" else self.data.loader("train", self.cfg.eval_batch_size, self.device, self.channels_last)
     was = self.student.training
     self.student.eval(); self.method.eval()
+    if self.dist.active:   # every rank predicts with rank 0's BatchNorm statistics (DDP copies them only at a forward's start)
+        with torch.no_grad():
+            for mod in (self.student, self.method):
+                for name, b in mod.named_buffers():
+                    if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"): torch.distributed.broadcast(b, 0)
     hits, total, scores_all, ys = {1: 0, 5: 0}, 0, [], []
     for x, y, _ in dl:
         with self._autocast(): scores = self.method.predict(self.student(x)).float()
@@ -536,9 +572,15 @@ def evaluate(self: Distiller, split: str = "test") -> dict:
         total += len(y)
         if self.tasks: scores_all.append(scores); ys.append(y)
     self.student.train(was)
-    out = {"top1": 100.0 * float(hits[1]) / total, "top5": 100.0 * float(hits[5]) / total}
+    if self.dist.active:   # counts summed over the ranks' shares of the split (not an average of accuracies)
+        counts = all_reduce(torch.stack([torch.as_tensor(v, device=self.device).float() for v in (hits[1], hits[5], total)]))
+        hits, total = {1: counts[0], 5: counts[1]}, counts[2]
+    out = {"top1": 100.0 * float(hits[1]) / float(total), "top5": 100.0 * float(hits[5]) / float(total)}
     if self.tasks:
         scores_all, ys = torch.cat(scores_all), torch.cat(ys)
+        if self.dist.active:
+            parts = all_gather_objects((scores_all.cpu(), ys.cpu()))
+            scores_all, ys = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         out["tasks"] = task_accuracy(scores_all, ys, self.tasks)                         # task-aware
         out["tasks_any"] = task_accuracy(scores_all, ys, self.tasks, within=False)    # task-agnostic: the head/class over all
     return out
@@ -563,45 +605,72 @@ class CheckpointCallback(Callback):
         if (learn.epoch + 1) % self.every == 0 or learn.epoch + 1 == learn.cfg.epochs: self.save(learn)
 
     def restore(self, learn):
-        "Load the newest checkpoint into `learn` when resuming and one exists."
-        if self.resume and self.latest() is not None: self.load(learn, self.latest())
+        "Load the newest checkpoint into `learn` when resuming and one exists (under DDP: the one rank 0 finds)."
+        if not self.resume: return
+        latest = broadcast_object(self.latest())
+        if latest is not None: self.load(learn, latest)
 
 # %% ../nbs/03_learner.ipynb #e9ed0ebc
 @patch
 def save(self: CheckpointCallback, learn) -> Path:
-    "Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints."
-    name = f"epoch-{learn.epoch + 1:04d}"
+    "Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints. Under DDP every rank "
+    "calls it: the student and optimizer are the same on all ranks, each rank's method state and RNG go to `rank-R.safetensors` "
+    "(R >= 1), and rank 0 writes."
+    name, d = f"epoch-{learn.epoch + 1:04d}", learn.dist
     weights = {f"student.{k}": v.detach().contiguous().cpu() for k, v in learn.student.state_dict().items()}
     weights.update({f"method.{k}": v.detach().contiguous().cpu() for k, v in learn.method.state_dict().items()})
     opt_t, opt_rest = optimizer_to_safetensors(learn.opt)
     rng = _rng_state(learn.device)
+    per_rank = all_gather_objects({**{k: v for k, v in weights.items() if k.startswith("method.")},
+                                   **{f"rng.{k}": v for k, v in rng.items()}}) if d.active else []
     meta = {"epoch": learn.epoch + 1, "history": learn.history, "config": learn.cfg.to_dict(),
-            "method": learn.method.name, "optimizer": opt_rest, "format": 1}
+            "method": learn.method.name, "optimizer": opt_rest, "format": 1, **d.to_dict()}
     def write(tmp):
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(opt_t, str(tmp / "optimizer.safetensors"))
         save_file({f"rng.{k}": v for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        for r, st in enumerate(per_rank[1:], 1): save_file(st, str(tmp / f"rank-{r}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    path = atomic_write_dir(self.folder / name, write)
-    atomic_write_text(self.folder / "latest", name)
-    for old in sorted(self.folder.glob("epoch-*"))[:-self.keep]: shutil.rmtree(old, ignore_errors=True)
+    path = self.folder / name
+    if d.is_main:
+        path = atomic_write_dir(path, write)
+        atomic_write_text(self.folder / "latest", name)
+        for old in sorted(self.folder.glob("epoch-*"))[:-self.keep]: shutil.rmtree(old, ignore_errors=True)
+    barrier()   # no rank runs ahead of a checkpoint that is not on disk yet
     return path
 
 @patch
 def load(self: CheckpointCallback, learn, path) -> None:
-    "Restore student, method, optimizer, RNG and history from the checkpoint directory `path`."
-    path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    "Restore student, method, optimizer, RNG and history from the checkpoint directory `path` (under DDP rank 0 reads it and "
+    "sends each rank its part, so the other ranks need not see the files)."
+    path, d = Path(path), learn.dist
+    blob = None
+    if d.is_main:
+        blob = {"meta": json.loads((path / "meta.json").read_text()), "weights": load_file(str(path / "weights.safetensors")),
+                "optimizer": load_file(str(path / "optimizer.safetensors")), "rng": load_file(str(path / "rng.safetensors")),
+                "ranks": {r: load_file(str(path / f"rank-{r}.safetensors")) for r in range(1, d.world_size)
+                          if (path / f"rank-{r}.safetensors").exists()}}
+    blob = broadcast_object(blob)
+    meta = blob["meta"]
+    was = {"world_size": meta.get("world_size", 1), "lr_rule": meta.get("lr_rule", "global")}
+    now_d = {"world_size": d.world_size, "lr_rule": d.lr_rule}
+    if was["world_size"] != now_d["world_size"] or (d.world_size > 1 and was["lr_rule"] != now_d["lr_rule"]):
+        raise ValueError(f"checkpoint {path} was written by {was['world_size']} process(es) with lr_rule {was['lr_rule']!r}; "
+                         f"this run has {d.world_size} with {d.lr_rule!r}: resume with the same torchrun --nproc_per_node "
+                         "and --lr-rule, or start in a fresh out_dir")
     now = learn.cfg.to_dict()
     diff = [f"{k}={v!r}, now {now.get(k)!r}" for k, v in meta["config"].items()
             if k not in _RESUME_MAY_DIFFER and json.dumps(now.get(k)) != json.dumps(v)]
     if diff: raise ValueError(f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
                               "resume with the same TrainConfig or start in a fresh out_dir")
-    w = load_file(str(path / "weights.safetensors"))
+    w, rng = blob["weights"], blob["rng"]
+    if d.rank > 0:   # this rank's own method state and RNG
+        mine = blob["ranks"][d.rank]
+        w = {**w, **{k: v for k, v in mine.items() if k.startswith("method.")}}
+        rng = {k: v for k, v in mine.items() if k.startswith("rng.")}
     learn.student.load_state_dict({k[8:]: v for k, v in w.items() if k.startswith("student.")})
     learn.method.load_state_dict({k[7:]: v for k, v in w.items() if k.startswith("method.")})
-    learn.opt.load_state_dict(optimizer_from_safetensors(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
-    rng = load_file(str(path / "rng.safetensors"))
+    learn.opt.load_state_dict(optimizer_from_safetensors(blob["optimizer"], meta["optimizer"]))
     _set_rng_state({k[4:]: v for k, v in rng.items()}, learn.device)
     learn.history, learn.epoch = meta["history"], meta["epoch"]
 
@@ -614,6 +683,11 @@ def dataset_fingerprint(data: ImageDataset) -> str:
         h.update(s.x.contiguous().numpy().tobytes()); h.update(s.y.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
+def _dist_key() -> dict:
+    "Under DDP, what else shapes a trained network: the number of processes and the learning-rate rule (nothing on one process)."
+    d = current()
+    return {"dist": {"world_size": d.world_size, "lr_rule": d.lr_rule}} if d.active else {}
+
 def _train_key(cfg: TrainConfig) -> dict:
     "The fields of a TrainConfig that change a trained network (not where or how fast it ran)."
     return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "eval_batch_size")}
@@ -621,7 +695,7 @@ def _train_key(cfg: TrainConfig) -> dict:
 def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: str | None = None) -> str:
     "The content address of a teacher: a hash of its architecture, dataset and training config."
     spec = {"arch": arch, "data": fingerprint or dataset_fingerprint(data), "n_classes": data.n_classes,
-            "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1}
+            "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1, **_dist_key()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 # %% ../nbs/03_learner.ipynb #68ba1241
@@ -629,11 +703,14 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
                            progress, verbose: bool) -> nn.Module:
     torch.manual_seed(seed)
     model = create_model(arch, data.n_classes, data.in_channels)
-    if (folder / "info.json").exists():
-        model.load_state_dict(load_file(str(folder / "weights.safetensors")))
-        info = json.loads((folder / "info.json").read_text()) | {"cached": True}
+    d = current()   # under DDP rank 0 looks in the cache and sends what it finds; the teacher is trained by all ranks
+    found = broadcast_object((load_file(str(folder / "weights.safetensors")), json.loads((folder / "info.json").read_text()))
+                             if d.is_main and (folder / "info.json").exists() else None)
+    if found is not None:
+        model.load_state_dict(found[0])
+        info = found[1] | {"cached": True}
     else:
-        if verbose: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
+        if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
         t0 = time.perf_counter()
         hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
         info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
@@ -643,7 +720,8 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
         def write(tmp):
             save_file(state, str(tmp / "weights.safetensors"))
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        atomic_write_dir(folder, write)
+        if d.is_main: atomic_write_dir(folder, write)
+        barrier()
         info = info | {"cached": False}
     model.cpu().eval().info = info
     return model
@@ -741,14 +819,15 @@ def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
     return _digest({"data": data_fp, "student": model_fingerprint(net), "method": _qualname(type(method)),
                     "name": method.name, "hparams": method.hparams(), "cfg": _train_key(cfg), "version": __version__,
                     "teachers": teacher_fps if method.needs_teachers else None,
-                    "tasks": [t.tolist() for t in tasks] if tasks else None})
+                    "tasks": [t.tolist() for t in tasks] if tasks else None, **_dist_key()})
 
 def _train_run(label, seed, net, method, key, ctx) -> dict:
     "Train one student; its record (a failure is recorded when `ctx['on_error']` is 'record')."
     t0, out = time.perf_counter(), ctx["out"]
     run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
     rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
-    if ctx["fresh"] and run_dir is not None and run_dir.exists(): shutil.rmtree(run_dir)   # start over: no resume
+    if ctx["fresh"] and run_dir is not None and run_dir.exists() and current().is_main: shutil.rmtree(run_dir)   # start over: no resume
+    barrier()
     try:
         d = Distiller(net, method, ctx["data"], teachers=ctx["teachers"] if method.needs_teachers else None,
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
@@ -787,10 +866,13 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
-              "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__}
-    res, old = StudyResult(config, {}, extra=dict(extra or {})), ({} if out is None or fresh else _finished_runs(out / "results.json"))
+              "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
+              **current().to_dict()}   # world_size, backend, lr_rule (chapter 06)
+    # under DDP rank 0 reads the finished runs and alone writes results.json
+    old = broadcast_object({} if out is None or fresh or not current().is_main else _finished_runs(out / "results.json"))
+    res = StudyResult(config, {}, extra=dict(extra or {}))
     def save():
-        if out is not None: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
+        if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
     for label, make in makers.items():
         for seed in config["seeds"]:
             torch.manual_seed(seed)

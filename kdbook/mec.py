@@ -17,6 +17,7 @@ from .data import ImageDataset, exemplar_memory, median_times
 from .models import ModelOut, create_model
 from .learner import Distiller, TrainConfig, register_method
 from .cfl import KA, Amalgamation, Amalgamating, CommonSpace, _relabel
+from .dist import all_reduce, current
 
 # %% auto #0
 __all__ = ['PAPER_RESULTS', 'free_energy', 'head_layout', 'padded_heads', 'head_free_energies', 'mec_scores', 'channel_kl',
@@ -125,7 +126,10 @@ class MEC(Amalgamating):
 
     def setup(self, student, bank, batch):
         s = student(batch[0])
-        if self.cal: self.heads = nn.Linear(s.pooled.shape[1], s.logits.shape[1])   # every head in one matrix, rows in class order
+        if self.cal:
+            self.heads = nn.Linear(s.pooled.shape[1], s.logits.shape[1])   # every head in one matrix, rows in class order
+            # the student's own classifier is not used: frozen, so no optimizer step and no DDP bucket waits for it
+            if isinstance(getattr(student, "classifier", None), nn.Module): student.classifier.requires_grad_(False)
         if self.merl:
             fs, fts = s.feats[-1], [f[-1] for f in bank(batch[0], feats=True).feats]
             if fs.dim() != 4: raise ValueError("MERL aligns feature maps: the student's last feature is not a [B, C, H, W] map")
@@ -155,8 +159,11 @@ class MEC(Amalgamating):
         "Eq. 9 summed over the heads: per head, the mean of (F^m(x) − Δ)² over the batch's in-stage samples."
         m = self._task_of[y]
         sq = (head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1) - self.delta) ** 2
-        n = len(self._tasks)
-        return (sq.new_zeros(n).index_add(0, m, sq) / torch.bincount(m, minlength=n).clamp_min(1)).sum()
+        n, d = len(self._tasks), current()
+        counts = torch.bincount(m, minlength=n)
+        if d.active:   # DDP averages the ranks' losses: each rank's sum over the global count, times the world size
+            return (d.world_size * sq.new_zeros(n).index_add(0, m, sq) / all_reduce(counts, "sum").clamp_min(1)).sum()
+        return (sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)).sum()
 
     def head_kd(self, u: Tensor, t) -> Tensor:
         "Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m / T) ‖ softmax(head m / T)), every sample of the batch."

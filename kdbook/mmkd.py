@@ -19,6 +19,7 @@ from .data import ImageDataset, median_times
 from .models import TeacherBank, create_model
 from .baselines import AVER, FitNetMKD, build_regressors
 from .learner import Distiller, Method, TrainConfig, register_method
+from .dist import all_reduce_grads
 
 # %% auto #0
 __all__ = ['META_INPUTS', 'HYPERGRADS', 'FEATURE_META', 'PAPER_RESULTS', 'gram', 'logit_meta_input', 'gram_meta_input',
@@ -301,6 +302,7 @@ class MMKD(Method):
     name = "mmkd"
     paper = "Adaptive Multi-Teacher Knowledge Distillation with Meta-Learning (MMKD; code Rorozhl/MMKD)"
     chapter = "mmkd"
+    sync_bn_ok = False   # the look-ahead differentiates the student with torch.func / double backward (chapter 06)
     needs_teachers = True
     teacher_feats = True
 
@@ -428,6 +430,9 @@ def meta_step(self: MMKD, learn, x: Tensor, y: Tensor):
     g = hypergradient(problem, phi, theta, bufs, hp, self.hypergrad)
     for n, net in self.nets.items():
         for k, p in net.named_parameters(): p.grad = g[f"{n}.{k}"].detach()
+    # under DDP each rank's hypergradient is on its own hard-buffer batch: their mean is the hypergradient of the mean
+    # outer loss over all ranks' batches, and every rank's meta-nets take the same Adam step (chapter 06)
+    all_reduce_grads([p for net in self.nets.values() for p in net.parameters()])
     self.meta_opt.step()
     self.meta_opt.zero_grad(set_to_none=True)
     w_logit, w_feat = self._last[2], self._last[3]

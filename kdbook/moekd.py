@@ -18,6 +18,7 @@ from .data import DeviceLoader, median_times
 from .models import ModelOut, conv_bn_relu, create_model, global_pool
 from .learner import Distiller, Method, TrainConfig, register_method
 from .baselines import KD, check_teacher_index
+from .dist import all_reduce, current
 
 # %% auto #0
 __all__ = ['ABLATIONS', 'PROTOTYPES', 'TEACHER_GATES', 'PAPER_RESULTS', 'log_expert_likelihood', 'mixture_log_likelihood',
@@ -67,9 +68,11 @@ def teacher_probs(teacher_logits: Tensor, # the teacher's logits `[N, K]`
 
 def class_prototypes(probs: Tensor,  # P^T(k | x_i), `[N, K]`
                      feats: Tensor,  # the teacher's features z^T_i, `[N, d]`
+                     sync: bool = False, # under DDP: both sums over the global batch (all-reduced)
                     ) -> Tensor:
     "Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is assigned to gets μ_k = 0)."
     num, den = probs.T @ feats, probs.sum(0)
+    if sync: num, den = all_reduce(num, "sum"), all_reduce(den, "sum")
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1)
 
 def dataset_prototypes(teachers,          # frozen teachers returning `ModelOut`
@@ -307,7 +310,8 @@ def expert_biases(self: MoEKD, t=None) -> Tensor:
 @patch
 def _batch_prototypes(self: MoEKD, t) -> Tensor:
     m = self.teacher
-    return class_prototypes(teacher_probs(t.logits[m], self.tau, hard=self.ablation == "hard_aggregation"), upcast(t.pooled[m]))
+    return class_prototypes(teacher_probs(t.logits[m], self.tau, hard=self.ablation == "hard_aggregation"), upcast(t.pooled[m]),
+                            sync=current().active)
 
 @patch
 def variational(self: MoEKD, log_gate, log_lik, t):
