@@ -22,7 +22,11 @@ from .mmkd import mmkd_speed
 from .dist import ddp_speed
 
 # %% auto #0
-__all__ = ['synthetic_dataset', 'distill_throughput', 'run_benchmarks', 'format_benchmarks']
+__all__ = ['PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS', 'synthetic_dataset', 'distill_throughput',
+           'run_benchmarks', 'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PerImageDataset',
+           'per_image_transform', 'PeerContender', 'repdistiller_kd', 'plain_contender', 'torchdistill_contender',
+           'kdbook_contender', 'peer_step_functions', 'peer_losses', 'peer_benchmark', 'peer_benchmark_child',
+           'peer_report', 'format_peer']
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -153,3 +157,317 @@ def format_benchmarks(res: dict) -> str:
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "
                      f"{t['student']}, {t['method']}, batch {t['batch_size']}, {t['device']})")
     return "\n".join(lines)
+
+# %% ../nbs/30_bench.ipynb #peer0001
+import copy, json, logging, os, statistics, subprocess, sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+from .baselines import KD
+from .data import DeviceLoader, median_times
+from .models import TeacherBank
+
+# %% ../nbs/30_bench.ipynb #peer0002
+PEER_CONTENDERS = ("kdbook", "torchdistill", "plain")
+
+def require_torchdistill():
+    "The `torchdistill` module, or an ImportError saying how to install it."
+    try:
+        import torchdistill
+    except ImportError as e:
+        raise ImportError('the peer comparison needs torchdistill: pip install "kdbook[peer]" '
+                          '(or pip install torchdistill)') from e
+    return torchdistill
+
+# %% ../nbs/30_bench.ipynb #peer0003
+@dataclass
+class PeerSetting:
+    "The one setting the three contenders share."
+    teacher: str = "resnet20"    # teacher architecture (zoo)
+    student: str = "resnet8"     # student architecture (zoo)
+    batch_size: int = 128
+    lr: float = 0.05             # constant learning rate, plain momentum SGD for all three
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    T: float = 4.0               # temperature of the KD term
+    ce_weight: float = 0.1       # γ: weight of the cross-entropy (torchdistill's `alpha`)
+    kd_weight: float = 0.9       # α: weight of T²·KL (torchdistill's `beta`, 1 - its alpha)
+    seed: int = 0                # the initial weights and every data order
+
+def peer_data(n_train: int | None = None) -> ImageDataset:
+    "Fashion-MNIST when a copy is found (digits otherwise), its training split cut to `n_train` images when given."
+    try: ds = load_dataset("fashion-mnist", download=False)
+    except DatasetNotFoundError: ds = load_dataset("digits")
+    return ds if n_train is None else ds.subset(min(n_train, len(ds.train)), min(64, len(ds.test)))
+
+# %% ../nbs/30_bench.ipynb #peer0004
+class PerImageDataset(torch.utils.data.Dataset):
+    "A split served one image at a time through a torchvision transform: what a `DataLoader` pipeline reads."
+    def __init__(self, split: Split, transform): self.x, self.y, self.transform = split.x, split.y, transform
+    def __len__(self): return len(self.y)
+    def __getitem__(self, i): return self.transform(self.x[i]), int(self.y[i])
+
+def per_image_transform(ds: ImageDataset):
+    "The dataset's crop and flip, then scaling and normalisation, per image with torchvision (as RepDistiller and torchdistill's examples do)."
+    from torchvision import transforms as T
+    aug = ([T.RandomCrop(ds.image_size, padding=ds.pad)] if ds.pad else []) + ([T.RandomHorizontalFlip()] if ds.flip else [])
+    return T.Compose(aug + [T.ConvertImageDtype(torch.float32), T.Normalize(ds.mean, ds.std)])
+
+def _endless(make_batches: Callable):
+    "Batches forever, a new pass (epoch) when one ends."
+    epoch = 0
+    while True:
+        yield from make_batches(epoch)
+        epoch += 1
+
+# %% ../nbs/30_bench.ipynb #peer0006
+@dataclass
+class PeerContender:
+    "One way of doing a distillation step."
+    name: str
+    step: Callable[[], object]              # next batch from its own loader, one optimisation step
+    loss_on: Callable[[Tensor, Tensor], Tensor]  # its loss on the batch (x, y), no step taken
+    student: torch.nn.Module
+    next_batch: Callable[[], tuple]          # its loader's next (x, y), for timing the data alone
+    teacher_logits: Callable[[Tensor], Tensor]  # its teacher forward, for timing the teacher alone
+
+def _sgd(params, s: PeerSetting):
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+def repdistiller_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    "RepDistiller's `DistillKL`: KL(p_t^T ‖ p_s^T) summed over the batch, times T², divided by the batch size."
+    p_s, p_t = F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1)
+    return F.kl_div(p_s, p_t, reduction="sum") * T ** 2 / student_logits.shape[0]
+
+# %% ../nbs/30_bench.ipynb #peer0007
+def plain_contender(ds, teacher, student, s: PeerSetting) -> PeerContender:
+    "The RepDistiller-style loop: DataLoader, fp32 teacher under no_grad, student, DistillKL + CE, backward, SGD step."
+    teacher, student = copy.deepcopy(teacher).eval(), copy.deepcopy(student).train()
+    opt = _sgd(student.parameters(), s)
+    data, g = PerImageDataset(ds.train, per_image_transform(ds)), torch.Generator().manual_seed(s.seed)
+    batches = _endless(lambda e: torch.utils.data.DataLoader(data, batch_size=s.batch_size, shuffle=True, drop_last=True,
+                                                             num_workers=0, generator=g))
+    def loss_on(x, y):
+        with torch.no_grad(): t = teacher(x).logits
+        z = student(x).logits
+        return s.ce_weight * F.cross_entropy(z, y) + s.kd_weight * repdistiller_kd(z, t, s.T)
+    def step():
+        x, y = next(batches)
+        loss = loss_on(x, y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        return loss
+    def teacher_logits(x):
+        with torch.no_grad(): return teacher(x).logits
+    return PeerContender("plain", step, loss_on, student, lambda: next(batches), teacher_logits)
+
+# %% ../nbs/30_bench.ipynb #peer0008
+def torchdistill_contender(ds, teacher, student, s: PeerSetting) -> PeerContender:
+    "torchdistill's `DistillationBox` from a config dict, its DataLoader over per-image transforms, its `KDLoss`."
+    require_torchdistill()
+    from torchdistill.core.distillation import get_distillation_box
+    teacher, student = copy.deepcopy(teacher).eval(), copy.deepcopy(student)
+    hook = {"input": [], "output": ["classifier"]}   # the logits, read by forward hooks as torchdistill's configs do
+    kd = {"key": "KDLoss", "kwargs": {"student_module_path": "classifier", "student_module_io": "output",
+                                      "teacher_module_path": "classifier", "teacher_module_io": "output",
+                                      "temperature": s.T, "alpha": s.ce_weight, "beta": s.kd_weight, "reduction": "batchmean"}}
+    g = torch.Generator().manual_seed(s.seed)
+    config = {"num_epochs": 1,
+              "train_data_loader": {"dataset_id": "train", "kwargs": {"batch_size": s.batch_size, "num_workers": 0, "drop_last": True},
+                                    "sampler": {"class_or_func": torch.utils.data.RandomSampler, "kwargs": {"generator": g}}},
+              "teacher": {"forward_proc": "forward_batch_only", "forward_hook": hook, "requires_grad": False},
+              "student": {"forward_proc": "forward_batch_only", "forward_hook": hook, "requires_grad": True},
+              "optimizer": {"key": "SGD", "kwargs": {"lr": s.lr, "momentum": s.momentum, "weight_decay": s.weight_decay}},
+              "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}}}
+    log = logging.getLogger("torchdistill"); level = log.level
+    log.setLevel(logging.WARNING)   # it logs every module of the models at INFO
+    try: box = get_distillation_box(teacher, student, {"train": PerImageDataset(ds.train, per_image_transform(ds))},
+                                    config, torch.device("cpu"), None, False, 1)
+    finally: log.setLevel(level)
+    box.pre_epoch_process(epoch=0)   # student.train(); the teacher keeps the mode it came in
+    box.teacher_model.eval()         # the box never sets it: BatchNorm would use batch statistics (see the check below)
+    batches = _endless(lambda e: box.train_data_loader)
+    def step():
+        x, y, supp = next(batches)
+        loss = box.forward_process(x, y, supp)
+        box.post_forward_process(loss=loss)
+        return loss
+    def teacher_logits(x):
+        with torch.no_grad(): return box.teacher_model(x).logits
+    return PeerContender("torchdistill", step, lambda x, y: box.forward_process(x, y, {}), box.student_model,
+                         lambda: next(batches)[:2], teacher_logits)
+
+# %% ../nbs/30_bench.ipynb #peer0009
+def kdbook_contender(ds, teacher, student, s: PeerSetting,
+                     channels_last: bool = False, # the student in channels_last (`TrainConfig.channels_last`)
+                     compile: bool = False, # torch.compile the student (`TrainConfig.compile`)
+                     teacher_bf16: bool = False, # the TeacherBank under bf16 autocast on the CPU (changes the teacher's logits)
+                     student_bf16: bool = False, # the student's forward under bf16 autocast (`TrainConfig.amp`; changes its numerics)
+                    ) -> PeerContender:
+    "Our `Distiller` (its `DeviceLoader` and `TeacherBank`) with method `KD`, on plain momentum SGD at a constant lr."
+    cfg = TrainConfig(epochs=1, batch_size=s.batch_size, device="cpu", lr=s.lr, momentum=s.momentum, nesterov=False,
+                      weight_decay=s.weight_decay, schedule="constant", seed=s.seed, amp=student_bf16,
+                      channels_last=channels_last, compile=compile)
+    bank = TeacherBank([teacher], amp=teacher_bf16)
+    d = Distiller(copy.deepcopy(student), KD(T=s.T, gamma=s.ce_weight, alpha=s.kd_weight), ds, teachers=bank, cfg=cfg, progress=False)
+    d.setup()
+    d.student.train(); d.method.train()
+    def epoch(e):
+        d.train_dl.set_epoch(e)
+        return iter(d.train_dl)
+    batches = _endless(epoch)
+    def loss_on(x, y):
+        x = x.contiguous(memory_format=torch.channels_last) if d.channels_last else x
+        with d._autocast(): return d.method.loss((x, y, None), d.forward(x), d.bank(x))["loss"]
+    return PeerContender("kdbook", lambda: d.train_step(next(batches))["loss"], loss_on, d.student,
+                         lambda: next(batches)[:2], lambda x: d.bank(x).logits[0])
+
+# %% ../nbs/30_bench.ipynb #peer0010
+def peer_step_functions(ds: ImageDataset | None = None, # default: `peer_data()`
+                        setting: PeerSetting | None = None,
+                        contenders=PEER_CONTENDERS, # which of kdbook, torchdistill, plain
+                        variants: dict | None = None, # more kdbook contenders: name -> its switches, e.g. {"kdbook+cl": {"channels_last": True}}
+                        **fast, # the switches of the contender "kdbook" (`kdbook_contender`): channels_last, compile, teacher_bf16
+                       ) -> dict:
+    "name -> `PeerContender`, all built from the same teacher and student weights (seeded) on the same data."
+    unknown = set(contenders) - set(PEER_CONTENDERS)
+    if unknown: raise ValueError(f"unknown contenders {sorted(unknown)}; valid: {', '.join(PEER_CONTENDERS)}")
+    ds, s = ds if ds is not None else peer_data(), setting or PeerSetting()
+    torch.manual_seed(s.seed)
+    teacher = create_model(s.teacher, ds.n_classes, ds.in_channels).eval()
+    student = create_model(s.student, ds.n_classes, ds.in_channels)
+    make = {"kdbook": lambda: kdbook_contender(ds, teacher, student, s, **fast),
+            "torchdistill": lambda: torchdistill_contender(ds, teacher, student, s),
+            "plain": lambda: plain_contender(ds, teacher, student, s)}
+    out = {name: make[name]() for name in contenders}
+    for name, switches in (variants or {}).items():
+        if name in out: raise ValueError(f"variant name {name!r} is taken")
+        out[name] = kdbook_contender(ds, teacher, student, s, **switches)
+        out[name].name = name
+    return out
+
+# %% ../nbs/30_bench.ipynb #peer0013
+def peer_losses(contenders: dict, x: Tensor, y: Tensor) -> dict:
+    "Each contender's loss on the batch (x, y), as a float; their students must hold the same weights."
+    ref = next(iter(contenders.values())).student.state_dict()
+    for c in contenders.values():
+        for k, v in c.student.state_dict().items():
+            if not torch.equal(v, ref[k]): raise ValueError(f"{c.name}'s student differs from the others at {k}: build them together")
+    return {name: float(c.loss_on(x, y).detach()) for name, c in contenders.items()}
+
+# %% ../nbs/30_bench.ipynb #peer0016
+def _loadavg() -> float | None:
+    try:
+        with open("/proc/loadavg") as f: return float(f.read().split()[0])
+    except (OSError, ValueError): return None
+
+def _median(v): return statistics.median(v)
+
+def peer_benchmark(rounds: int = 10, # interleaved rounds
+                   steps: int = 3, # steps per contender per round
+                   n_train: int | None = None, # training images (None: the whole split)
+                   setting: PeerSetting | None = None,
+                   contenders=PEER_CONTENDERS,
+                   threads: int = 2, # torch CPU threads for all
+                   warmup: int = 2, # untimed steps per contender first
+                   parts: bool = True, # also time data and teacher forward per contender
+                   variants: dict | None = None, # more kdbook contenders, timed in the same rounds (`peer_step_functions`)
+                   **fast, # the switches of the contender "kdbook" (`kdbook_contender`)
+                  ) -> dict:
+    "Images/s of one KD step done by kdbook, torchdistill and a plain loop: medians of interleaved rounds, and ratios."
+    for name, v in (("rounds", rounds), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    s, saved = setting or PeerSetting(), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ds = peer_data(n_train)
+        cs = peer_step_functions(ds, s, contenders, variants, **fast)
+        for c in cs.values():
+            for _ in range(warmup): c.step()
+        names, rates, load = list(cs), {n: [] for n in cs}, [_loadavg()]
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t = time.perf_counter()
+                for _ in range(steps): cs[n].step()
+                rates[n].append(steps * s.batch_size / (time.perf_counter() - t))
+        load.append(_loadavg())
+        out = {"images_per_s": {n: _median(v) for n, v in rates.items()}, "per_round": rates, "rounds": rounds, "steps": steps,
+               "dataset": ds.name, "batch_size": s.batch_size, "teacher": s.teacher, "student": s.student, "threads": threads,
+               "fast": dict(fast), "variants": dict(variants or {}), "loadavg": load, "torch": torch.__version__,
+               "malloc": {k: os.environ[k] for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if k in os.environ}}
+        # the median of the per-round ratios: each round's contenders saw the same load
+        out["ratios"] = {f"{a}/{b}": _median([x / y for x, y in zip(rates[a], rates[b])])
+                         for a in names if a.startswith("kdbook") for b in ("torchdistill", "plain") if b in rates}
+        if parts:
+            x, y = next(iter(cs.values())).next_batch()
+            reps = max(3, min(10, rounds))
+            data_s = median_times([c.next_batch for c in cs.values()], reps, warmup=1)
+            teach_s = median_times([lambda c=c: c.teacher_logits(x) for c in cs.values()], reps, warmup=1)
+            out["parts_ms"] = {n: {"step": 1e3 * s.batch_size / out["images_per_s"][n], "data": 1e3 * d, "teacher": 1e3 * t}
+                               for n, d, t in zip(names, data_s, teach_s)}
+            for p in out["parts_ms"].values(): p["student"] = p["step"] - p["data"] - p["teacher"]
+    finally: torch.set_num_threads(saved)
+    return out
+
+# %% ../nbs/30_bench.ipynb #peer0019
+KEEP_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30),   # never give freed memory at the heap's top back to the OS
+                   "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # blocks up to 32 MiB (glibc's maximum) come from the heap, not mmap
+
+_CHILD = """
+import json, sys
+from kdbook.bench import PeerSetting, peer_benchmark
+kw = json.loads(sys.argv[1])
+if kw.get("setting") is not None: kw["setting"] = PeerSetting(**kw["setting"])
+print("\\n" + json.dumps(peer_benchmark(**kw)))
+"""
+
+def peer_benchmark_child(keep_memory: bool = False, # glibc told to keep freed memory (`KEEP_MEMORY_ENV`)
+                         **kwargs) -> dict: # `peer_benchmark`'s arguments
+    "`peer_benchmark(**kwargs)` run in a fresh Python process, with or without the allocator told to keep its memory."
+    import dataclasses
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_MEMORY_ENV}
+    if keep_memory: env.update(KEEP_MEMORY_ENV)
+    if isinstance(kwargs.get("setting"), PeerSetting): kwargs["setting"] = dataclasses.asdict(kwargs["setting"])
+    p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(kwargs)], env=env, capture_output=True, text=True)
+    if p.returncode != 0: raise RuntimeError(f"the peer benchmark's process failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+# %% ../nbs/30_bench.ipynb #peer0020
+def peer_report(rounds: int = 10, steps: int = 3, n_train: int | None = None,
+                allocators=("default", "keep"), # one fresh process for each: glibc's default, and told to keep its memory
+                **kwargs) -> dict: # more `peer_benchmark` arguments (variants, kdbook's switches ...)
+    "The peer comparison under each allocator setting, each in its own process: allocator -> `peer_benchmark`'s result."
+    for a in allocators:
+        if a not in ("default", "keep"): raise ValueError(f"allocators must be 'default' and/or 'keep', got {a!r}")
+    return {a: peer_benchmark_child(a == "keep", rounds=rounds, steps=steps, n_train=n_train, **kwargs) for a in allocators}
+
+# %% ../nbs/30_bench.ipynb #peer0021
+def format_peer(res: dict) -> str:
+    "The lines `kdbook bench --peer` prints, from `peer_report` (or one `peer_benchmark` result)."
+    runs = res if "images_per_s" not in res else {"default": res}
+    first = next(iter(runs.values()))
+    lines = [f"peer comparison: one KD step, {first['teacher']} -> {first['student']}, {first['dataset']}, batch {first['batch_size']}, "
+             f"{first['threads']} threads, torch {first['torch']}; medians of {first['rounds']} interleaved rounds of {first['steps']} steps"]
+    for alloc, r in runs.items():
+        load = ", ".join("?" if l is None else f"{l:.2f}" for l in r["loadavg"])
+        what = "glibc default" if alloc == "default" else "told to keep freed memory (" + " ".join(f"{k}={v}" for k, v in r["malloc"].items()) + ")"
+        fast = ", ".join(f"{k}={v}" for k, v in r["fast"].items() if v)
+        lines.append(f"allocator: {what}; load average {load}" + (f"; kdbook with {fast}" if fast else ""))
+        for n, ips in r["images_per_s"].items():
+            p = r.get("parts_ms", {}).get(n)
+            vs = ", ".join(f"{r['ratios'][f'{n}/{b}']:.2f}x {b}" for b in ("torchdistill", "plain") if f"{n}/{b}" in r["ratios"])
+            parts = (f"   per step {p['step']:.0f} ms = data {p['data']:.1f} + teacher {p['teacher']:.1f} + "
+                     f"student, loss, backward, step {p['student']:.0f}") if p else ""
+            lines.append(f"  {n:21s} {ips:6,.0f} images/s {'(' + vs + ')' if vs else '':32s}{parts}")
+    lines.append("ratios: medians of the per-round ratios (each round's contenders saw the same load)")
+    return "\n".join(lines)
+
+# %% ../nbs/30_bench.ipynb #peer0024
+PEER_FAST = {"channels_last": True, "teacher_bf16": True, "student_bf16": True}   # the fastest switches measured below
+
+PEER_VARIANTS = {"kdbook+channels_last": {"channels_last": True},
+                 "kdbook+compile": {"compile": True},
+                 "kdbook+bf16 teacher": {"teacher_bf16": True},
+                 "kdbook+bf16 both": {"teacher_bf16": True, "student_bf16": True},
+                 "kdbook fast": PEER_FAST}

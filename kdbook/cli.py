@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("data", help="list the datasets, where each was found and how to get a missing one")
     b = sub.add_parser("bench", help="measure the speed ratios (ours vs the straightforward way) on this machine")
     b.add_argument("--device", default="auto")
+    b.add_argument("--peer", action="store_true",
+                   help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side on the CPU "
+                        '(needs pip install "kdbook[peer]"; about 30 s on 2 cores)')
     return p
 
 # %% ../nbs/90_cli.ipynb #160c468c
@@ -303,9 +306,12 @@ def data_report() -> str:
             lines += [f"    {l.strip()}" for l in str(e).splitlines()[1:]]
     return "\n".join(lines)
 
-def bench_report(device: str = "auto") -> str:
-    "Measure, in this run, the speed ratios of chapters 01, 02 and 10 on this machine."
-    from kdbook.bench import run_benchmarks, format_benchmarks
+def bench_report(device: str = "auto", peer: bool = False) -> str:
+    "Measure, in this run, the speed ratios of the book on this machine; with `peer`, kdbook against torchdistill and a plain loop (CPU)."
+    from kdbook.bench import run_benchmarks, format_benchmarks, peer_report, format_peer, require_torchdistill, PEER_FAST
+    if peer:
+        require_torchdistill()   # before any timing: say how to install it
+        return format_peer(peer_report(variants={"kdbook fast": PEER_FAST}))
     return format_benchmarks(run_benchmarks(device=device))
 
 # %% ../nbs/90_cli.ipynb #b926803a
@@ -313,7 +319,12 @@ def main(argv=None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
     if args.command == "data": print(data_report()); return 0
-    if args.command == "bench": print(bench_report(args.device)); return 0
+    if args.command == "bench":
+        try: print(bench_report(args.device, peer=args.peer))
+        except ImportError as e:
+            if not args.peer: raise
+            print(f"kdbook: error: {e}", file=sys.stderr); return 2   # torchdistill missing: how to install it
+        return 0
     t0 = time.perf_counter()
     try:   # under torchrun: join the process group; every rank trains, rank 0 alone prints and writes
         d = init_distributed(args.backend, args.device, args.lr_rule, sync_bn=args.sync_bn)
