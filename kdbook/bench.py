@@ -195,6 +195,7 @@ class PeerSetting:
     ce_weight: float = 0.1       # γ: weight of the cross-entropy (torchdistill's `alpha`)
     kd_weight: float = 0.9       # α: weight of T²·KL (torchdistill's `beta`, 1 - its alpha)
     seed: int = 0                # the initial weights and every data order
+    device: str = "cpu"          # "cuda" on a GPU machine: every contender there, its steps timed between device syncs
 
 def peer_data(n_train: int | None = None) -> ImageDataset:
     "Fashion-MNIST when a copy is found (digits otherwise), its training split cut to `n_train` images when given."
@@ -244,12 +245,14 @@ def repdistiller_kd(student_logits: Tensor, teacher_logits: Tensor, T: float) ->
 # %% ../nbs/30_bench.ipynb #peer0007
 def plain_contender(ds, teacher, student, s: PeerSetting) -> PeerContender:
     "The RepDistiller-style loop: DataLoader, fp32 teacher under no_grad, student, DistillKL + CE, backward, SGD step."
-    teacher, student = copy.deepcopy(teacher).eval(), copy.deepcopy(student).train()
+    dev = torch.device(s.device)
+    teacher, student = copy.deepcopy(teacher).to(dev).eval(), copy.deepcopy(student).to(dev).train()
     opt = _sgd(student.parameters(), s)
     data, g = PerImageDataset(ds.train, per_image_transform(ds)), torch.Generator().manual_seed(s.seed)
     batches = _endless(lambda e: torch.utils.data.DataLoader(data, batch_size=s.batch_size, shuffle=True, drop_last=True,
-                                                             num_workers=0, generator=g))
+                                                             num_workers=0, generator=g, pin_memory=dev.type == "cuda"))
     def loss_on(x, y):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)   # the public codes' copy to the GPU each batch
         with torch.no_grad(): t = teacher(x).logits
         z = student(x).logits
         return s.ce_weight * F.cross_entropy(z, y) + s.kd_weight * repdistiller_kd(z, t, s.T)
@@ -259,7 +262,7 @@ def plain_contender(ds, teacher, student, s: PeerSetting) -> PeerContender:
         opt.zero_grad(); loss.backward(); opt.step()
         return loss
     def teacher_logits(x):
-        with torch.no_grad(): return teacher(x).logits
+        with torch.no_grad(): return teacher(x.to(dev)).logits
     return PeerContender("plain", step, loss_on, student, lambda: next(batches), teacher_logits)
 
 # %% ../nbs/30_bench.ipynb #peer0008
@@ -283,19 +286,20 @@ def torchdistill_contender(ds, teacher, student, s: PeerSetting) -> PeerContende
     log = logging.getLogger("torchdistill"); level = log.level
     log.setLevel(logging.WARNING)   # it logs every module of the models at INFO
     try: box = get_distillation_box(teacher, student, {"train": PerImageDataset(ds.train, per_image_transform(ds))},
-                                    config, torch.device("cpu"), None, False, 1)
+                                    config, torch.device(s.device), None, False, 1)
     finally: log.setLevel(level)
     box.pre_epoch_process(epoch=0)   # student.train(); the teacher keeps the mode it came in
     box.teacher_model.eval()         # the box never sets it: BatchNorm would use batch statistics (see the check below)
-    batches = _endless(lambda e: box.train_data_loader)
+    batches, dev = _endless(lambda e: box.train_data_loader), torch.device(s.device)
     def step():
         x, y, supp = next(batches)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)   # as torchdistill's example training loop does
         loss = box.forward_process(x, y, supp)
         box.post_forward_process(loss=loss)
         return loss
     def teacher_logits(x):
-        with torch.no_grad(): return box.teacher_model(x).logits
-    return PeerContender("torchdistill", step, lambda x, y: box.forward_process(x, y, {}), box.student_model,
+        with torch.no_grad(): return box.teacher_model(x.to(dev)).logits
+    return PeerContender("torchdistill", step, lambda x, y: box.forward_process(x.to(dev), y.to(dev), {}), box.student_model,
                          lambda: next(batches)[:2], teacher_logits)
 
 # %% ../nbs/30_bench.ipynb #peer0009
@@ -306,7 +310,7 @@ def kdbook_contender(ds, teacher, student, s: PeerSetting,
                      student_bf16: bool = False, # the student's forward under bf16 autocast (`TrainConfig.amp`; changes its numerics)
                     ) -> PeerContender:
     "Our `Distiller` (its `DeviceLoader` and `TeacherBank`) with method `KD`, on plain momentum SGD at a constant lr."
-    cfg = TrainConfig(epochs=1, batch_size=s.batch_size, device="cpu", lr=s.lr, momentum=s.momentum, nesterov=False,
+    cfg = TrainConfig(epochs=1, batch_size=s.batch_size, device=s.device, lr=s.lr, momentum=s.momentum, nesterov=False,
                       weight_decay=s.weight_decay, schedule="constant", seed=s.seed, amp=student_bf16,
                       channels_last=channels_last, compile=compile)
     bank = TeacherBank([teacher], amp=teacher_bf16)
@@ -318,10 +322,11 @@ def kdbook_contender(ds, teacher, student, s: PeerSetting,
         return iter(d.train_dl)
     batches = _endless(epoch)
     def loss_on(x, y):
+        x, y = x.to(d.device), y.to(d.device)
         x = x.contiguous(memory_format=torch.channels_last) if d.channels_last else x
         with d._autocast(): return d.method.loss((x, y, None), d.forward(x), d.bank(x))["loss"]
     return PeerContender("kdbook", lambda: d.train_step(next(batches))["loss"], loss_on, d.student,
-                         lambda: next(batches)[:2], lambda x: d.bank(x).logits[0])
+                         lambda: next(batches)[:2], lambda x: d.bank(x.to(d.device)).logits[0])
 
 # %% ../nbs/30_bench.ipynb #peer0010
 def peer_step_functions(ds: ImageDataset | None = None, # default: `peer_data()`
@@ -353,7 +358,7 @@ def peer_losses(contenders: dict, x: Tensor, y: Tensor) -> dict:
     ref = next(iter(contenders.values())).student.state_dict()
     for c in contenders.values():
         for k, v in c.student.state_dict().items():
-            if not torch.equal(v, ref[k]): raise ValueError(f"{c.name}'s student differs from the others at {k}: build them together")
+            if not torch.equal(v.cpu(), ref[k].cpu()): raise ValueError(f"{c.name}'s student differs from the others at {k}: build them together")
     return {name: float(c.loss_on(x, y).detach()) for name, c in contenders.items()}
 
 # %% ../nbs/30_bench.ipynb #peer0016
@@ -388,12 +393,14 @@ def peer_benchmark(rounds: int = 10, # interleaved rounds
         names, rates, load = list(cs), {n: [] for n in cs}, [_loadavg()]
         for r in range(rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                t = time.perf_counter()
+                device_sync(s.device); t = time.perf_counter()
                 for _ in range(steps): cs[n].step()
+                device_sync(s.device)
                 rates[n].append(steps * s.batch_size / (time.perf_counter() - t))
         load.append(_loadavg())
         out = {"images_per_s": {n: _median(v) for n, v in rates.items()}, "per_round": rates, "rounds": rounds, "steps": steps,
                "dataset": ds.name, "batch_size": s.batch_size, "teacher": s.teacher, "student": s.student, "threads": threads,
+               "device": s.device, "gpu": torch.cuda.get_device_name(torch.device(s.device)) if s.device.startswith("cuda") else None,
                "fast": dict(fast), "variants": dict(variants or {}), "loadavg": load, "torch": torch.__version__,
                "malloc": {k: os.environ[k] for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if k in os.environ}}
         # the median of the per-round ratios: each round's contenders saw the same load
@@ -402,8 +409,8 @@ def peer_benchmark(rounds: int = 10, # interleaved rounds
         if parts:
             x, y = next(iter(cs.values())).next_batch()
             reps = max(3, min(10, rounds))
-            data_s = median_times([c.next_batch for c in cs.values()], reps, warmup=1)
-            teach_s = median_times([lambda c=c: c.teacher_logits(x) for c in cs.values()], reps, warmup=1)
+            data_s = median_times([c.next_batch for c in cs.values()], reps, warmup=1, device=s.device)
+            teach_s = median_times([lambda c=c: c.teacher_logits(x) for c in cs.values()], reps, warmup=1, device=s.device)
             out["parts_ms"] = {n: {"step": 1e3 * s.batch_size / out["images_per_s"][n], "data": 1e3 * d, "teacher": 1e3 * t}
                                for n, d, t in zip(names, data_s, teach_s)}
             for p in out["parts_ms"].values(): p["student"] = p["step"] - p["data"] - p["teacher"]
@@ -447,8 +454,9 @@ def format_peer(res: dict) -> str:
     "The lines `kdbook bench --peer` prints, from `peer_report` (or one `peer_benchmark` result)."
     runs = res if "images_per_s" not in res else {"default": res}
     first = next(iter(runs.values()))
+    where = first.get("gpu") or f"{first['threads']} CPU threads"
     lines = [f"peer comparison: one KD step, {first['teacher']} -> {first['student']}, {first['dataset']}, batch {first['batch_size']}, "
-             f"{first['threads']} threads, torch {first['torch']}; medians of {first['rounds']} interleaved rounds of {first['steps']} steps"]
+             f"{where}, torch {first['torch']}; medians of {first['rounds']} interleaved rounds of {first['steps']} steps"]
     for alloc, r in runs.items():
         load = ", ".join("?" if l is None else f"{l:.2f}" for l in r["loadavg"])
         what = "glibc default" if alloc == "default" else "told to keep freed memory (" + " ".join(f"{k}={v}" for k, v in r["malloc"].items()) + ")"

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure the speed ratios (ours vs the straightforward way) on this machine")
     b.add_argument("--device", default="auto")
     b.add_argument("--peer", action="store_true",
-                   help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side on the CPU "
+                   help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side on --device "
                         '(needs pip install "kdbook[peer]"; about 30 s on 2 cores)')
     return p
 
@@ -311,7 +311,10 @@ def bench_report(device: str = "auto", peer: bool = False) -> str:
     from kdbook.bench import run_benchmarks, format_benchmarks, peer_report, format_peer, require_torchdistill, PEER_FAST
     if peer:
         require_torchdistill()   # before any timing: say how to install it
-        return format_peer(peer_report(variants={"kdbook fast": PEER_FAST}))
+        from kdbook.bench import PeerSetting
+        dev = str(resolve_device(device))   # all three contenders on it (a GPU: timed between device syncs)
+        return format_peer(peer_report(variants={"kdbook fast": PEER_FAST}, setting=PeerSetting(device=dev),
+                                       allocators=("default", "keep") if dev == "cpu" else ("default",)))
     return format_benchmarks(run_benchmarks(device=device))
 
 # %% ../nbs/90_cli.ipynb #b926803a
