@@ -102,6 +102,8 @@ def shutdown(wait: bool = True, # first wait for every rank (a rank that tears d
     "Leave the process group (if one is up); `current()` is a single process again. After an error pass wait=False: the other ranks may never arrive."
     global _CURRENT
     if tdist.is_available() and tdist.is_initialized():
+        import gc
+        gc.collect()   # DDP wrappers left in reference cycles go now, while the group they hold is still up
         if wait: tdist.barrier()
         tdist.destroy_process_group()
     _CURRENT = Dist(lr_rule=_CURRENT.lr_rule)
@@ -207,6 +209,8 @@ def _child() -> None:
         shutdown(wait=False); raise
     shutdown()
     torch.save(result, f"{sys.argv[1]}.rank-{rank}")
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)   # the result is on disk: skip the interpreter's teardown, where a communication thread's destructor can still abort
 
 def spawn(fn, # a function of an importable module (the children import it by name), called as fn(*args) on every rank
           world_size: int = 2, args: tuple = (),
