@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
-from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, launcher_env, rank_device, shutdown
+from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
 from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_param, method_factories, resolve_device,
                             run_study, train_teachers)
 from .baselines import check_teacher_index
@@ -333,23 +333,20 @@ def main(argv=None) -> int:
         d = init_distributed(args.backend, args.device, args.lr_rule, sync_bn=args.sync_bn)
     except ValueError as e:
         print(f"kdbook: error: {e}", file=sys.stderr); return 2
-    quiet = lambda *a, **k: None
+    quiet, finished = (lambda *a, **k: None), False
     try:
         res = preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
                            args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
                            args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
                            log=print if d.is_main else quiet)
+        finished = True
     except (ValueError, FileNotFoundError) as e:
-        shutdown(wait=False)
         print(f"kdbook: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
-        shutdown(wait=False)
         print(f"\nkdbook: interrupted; finished runs are kept in {Path(args.out) / 'results.json'}: "
               "run the same command again to resume", file=sys.stderr)
         return 130
-    except BaseException:
-        shutdown(wait=False); raise
-    shutdown()   # every rank finished: leave the group together
+    finally: shutdown(wait=finished)   # after a failure the other ranks may never arrive: leave without waiting
     if not d.is_main: return 1 if any(r["failed"] for r in res["summary"]) else 0
     print()
     print(format_table(res["summary"]))

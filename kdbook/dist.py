@@ -7,10 +7,12 @@ Docs: https://kdbook.github.io/kdbook/distributed.html.md"""
 # %% ../nbs/06_distributed.ipynb #77de68da
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
 import datetime, os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+
+from .core import check_choice
 
 # %% auto #0
 __all__ = ['BACKENDS', 'LR_RULES', 'Dist', 'current', 'launcher_env', 'resolve_backend', 'init_distributed', 'shutdown',
@@ -20,7 +22,6 @@ __all__ = ['BACKENDS', 'LR_RULES', 'Dist', 'current', 'launcher_env', 'resolve_b
 # %% ../nbs/06_distributed.ipynb #b1d57811
 BACKENDS = ("auto", "gloo", "nccl")
 LR_RULES = ("global", "linear")
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 @dataclass(frozen=True)
 class Dist:
@@ -62,7 +63,7 @@ def launcher_env(env=None) -> dict | None:
 # %% ../nbs/06_distributed.ipynb #17ba0791
 def resolve_backend(backend: str, device: str) -> str:
     "The process-group backend for `device`: 'auto' -> NCCL for CUDA, gloo for the CPU; NCCL without a GPU is refused."
-    if backend not in BACKENDS: raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if backend == "auto": return "nccl" if cuda else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
@@ -80,7 +81,7 @@ def init_distributed(backend: str = "auto", # "auto" (NCCL on GPUs, gloo on the 
                     ) -> Dist:
     "Join the process group of a `torchrun` launch (a single-process `Dist` without one); bad settings are refused either way."
     global _CURRENT
-    if lr_rule not in LR_RULES: raise ValueError(f"lr_rule must be one of {', '.join(map(repr, LR_RULES))}, got {lr_rule!r}")
+    check_choice("lr_rule", lr_rule, LR_RULES)
     be = resolve_backend(backend, device)
     if sync_bn and be != "nccl":
         raise ValueError("sync_bn: torch's SyncBatchNorm runs on GPUs only (NCCL); on the CPU each rank's BatchNorm uses its own share of the batch")
@@ -117,7 +118,7 @@ def rank_device(d: Dist, device: str) -> str:
 def per_rank_batch(batch_size: int, # the recipe's (single-process) batch size
                    world_size: int, lr_rule: str = "global") -> int:
     "The batch each rank draws per step: the recipe's batch split across ranks ('global') or the recipe's batch ('linear')."
-    if lr_rule not in LR_RULES: raise ValueError(f"lr_rule must be one of {', '.join(map(repr, LR_RULES))}, got {lr_rule!r}")
+    check_choice("lr_rule", lr_rule, LR_RULES)
     if lr_rule == "linear" or world_size == 1: return batch_size
     b = batch_size // world_size
     if b == 0: raise ValueError(f"batch size {batch_size} split across {world_size} processes leaves a per-rank batch of 0: "
@@ -129,7 +130,7 @@ def per_rank_batch(batch_size: int, # the recipe's (single-process) batch size
 
 def lr_scale(world_size: int, lr_rule: str = "global") -> float:
     "The factor on the recipe's learning rate: 1 for 'global' (same global batch), the world size for 'linear' (Goyal et al. 2017)."
-    if lr_rule not in LR_RULES: raise ValueError(f"lr_rule must be one of {', '.join(map(repr, LR_RULES))}, got {lr_rule!r}")
+    check_choice("lr_rule", lr_rule, LR_RULES)
     return float(world_size) if lr_rule == "linear" else 1.0
 
 # %% ../nbs/06_distributed.ipynb #12c6fc06
@@ -138,7 +139,7 @@ _OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "mean": "SUM"}
 def all_reduce(t: Tensor, op: str = "sum") -> Tensor:
     "`t` reduced over the ranks in place ('sum', 'mean', 'min', 'max'; gloo has no AVG, so 'mean' sums and divides); `t` itself on one process."
     d = current()
-    if op not in _OPS: raise ValueError(f"op must be one of {', '.join(map(repr, _OPS))}, got {op!r}")
+    check_choice("op", op, tuple(_OPS))
     if not d.active: return t
     tdist.all_reduce(t, getattr(tdist.ReduceOp, _OPS[op]))
     if op == "mean": t.div_(d.world_size)
@@ -284,15 +285,11 @@ def equivalence_run(method: str = "aver", # a registered method
 def _speed_worker(method: str, batch_size: int, steps: int, student: str, teacher: str, M: int) -> float:
     "Median seconds per training step of `method` on this rank (fashion-sized random data, random teachers)."
     import time
-    from kdbook.data import ImageDataset, Split
+    from kdbook.bench import synthetic_dataset
     from kdbook.learner import Distiller, TrainConfig, make_method
     from kdbook.models import create_model
     import kdbook.baselines, kdbook.aekd   # noqa: F401 -- registers the methods
-    g = torch.Generator().manual_seed(0)
-    n = batch_size * (steps + 3)
-    split = Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g))
-    data = ImageDataset("random-28", split, Split(split.x[:256], split.y[:256]), [str(i) for i in range(10)],
-                        (0.5,), (0.25,), pad=0, flip=False, source="random")
+    data = synthetic_dataset(10, (1, 28, 28), n_train=batch_size * (steps + 3), n_test=256)
     torch.manual_seed(0)
     teachers = [create_model(teacher, 10, 1).eval() for _ in range(M)]
     m = make_method(method)
@@ -300,7 +297,7 @@ def _speed_worker(method: str, batch_size: int, steps: int, student: str, teache
                   cfg=TrainConfig(epochs=1, batch_size=batch_size, device="cpu", augment=False), progress=False)
     d.setup()
     times = []
-    for i, batch in enumerate(d.train_dl):
+    for batch in d.train_dl:
         barrier(); t0 = time.perf_counter()
         d.train_step(batch)
         times.append(time.perf_counter() - t0)

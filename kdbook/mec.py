@@ -160,10 +160,9 @@ class MEC(Amalgamating):
         m = self._task_of[y]
         sq = (head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1) - self.delta) ** 2
         n, d = len(self._tasks), current()
-        counts = torch.bincount(m, minlength=n)
-        if d.active:   # DDP averages the ranks' losses: each rank's sum over the global count, times the world size
-            return (d.world_size * sq.new_zeros(n).index_add(0, m, sq) / all_reduce(counts, "sum").clamp_min(1)).sum()
-        return (sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)).sum()
+        # under DDP each rank's sum goes over the global count, times the world size (DDP averages the ranks' losses)
+        counts = all_reduce(torch.bincount(m, minlength=n), "sum")
+        return (d.world_size * sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)).sum()
 
     def head_kd(self, u: Tensor, t) -> Tensor:
         "Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m / T) ‖ softmax(head m / T)), every sample of the batch."
