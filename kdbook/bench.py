@@ -23,10 +23,9 @@ from .dist import ddp_speed
 
 # %% auto #0
 __all__ = ['PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS', 'synthetic_dataset', 'distill_throughput',
-           'run_benchmarks', 'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PerImageDataset',
-           'per_image_transform', 'PeerContender', 'repdistiller_kd', 'plain_contender', 'torchdistill_contender',
-           'kdbook_contender', 'peer_step_functions', 'peer_losses', 'peer_benchmark', 'peer_benchmark_child',
-           'peer_report', 'format_peer']
+           'run_benchmarks', 'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PeerContender',
+           'repdistiller_kd', 'plain_contender', 'torchdistill_contender', 'kdbook_contender', 'peer_step_functions',
+           'peer_losses', 'peer_benchmark', 'peer_benchmark_child', 'peer_report', 'format_peer']
 
 # %% ../nbs/30_bench.ipynb #533fc3c1
 def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
@@ -166,7 +165,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 from .baselines import KD
-from .data import DeviceLoader, median_times
+from .data import DeviceLoader, PerImageDataset, median_times, per_image_transform   # the DataLoader pipeline (chapter 01)
 from .models import TeacherBank
 
 # %% ../nbs/30_bench.ipynb #peer0002
@@ -204,18 +203,6 @@ def peer_data(n_train: int | None = None) -> ImageDataset:
     return ds if n_train is None else ds.subset(min(n_train, len(ds.train)), min(64, len(ds.test)))
 
 # %% ../nbs/30_bench.ipynb #peer0004
-class PerImageDataset(torch.utils.data.Dataset):
-    "A split served one image at a time through a torchvision transform: what a `DataLoader` pipeline reads."
-    def __init__(self, split: Split, transform): self.x, self.y, self.transform = split.x, split.y, transform
-    def __len__(self): return len(self.y)
-    def __getitem__(self, i): return self.transform(self.x[i]), int(self.y[i])
-
-def per_image_transform(ds: ImageDataset):
-    "The dataset's crop and flip, then scaling and normalisation, per image with torchvision (as RepDistiller and torchdistill's examples do)."
-    from torchvision import transforms as T
-    aug = ([T.RandomCrop(ds.image_size, padding=ds.pad)] if ds.pad else []) + ([T.RandomHorizontalFlip()] if ds.flip else [])
-    return T.Compose(aug + [T.ConvertImageDtype(torch.float32), T.Normalize(ds.mean, ds.std)])
-
 def _endless(make_batches: Callable):
     "Batches forever, a new pass (epoch) when one ends."
     epoch = 0
@@ -367,8 +354,6 @@ def _loadavg() -> float | None:
         with open("/proc/loadavg") as f: return float(f.read().split()[0])
     except (OSError, ValueError): return None
 
-def _median(v): return statistics.median(v)
-
 def peer_benchmark(rounds: int = 10, # interleaved rounds
                    steps: int = 3, # steps per contender per round
                    n_train: int | None = None, # training images (None: the whole split)
@@ -398,13 +383,13 @@ def peer_benchmark(rounds: int = 10, # interleaved rounds
                 device_sync(s.device)
                 rates[n].append(steps * s.batch_size / (time.perf_counter() - t))
         load.append(_loadavg())
-        out = {"images_per_s": {n: _median(v) for n, v in rates.items()}, "per_round": rates, "rounds": rounds, "steps": steps,
+        out = {"images_per_s": {n: statistics.median(v) for n, v in rates.items()}, "per_round": rates, "rounds": rounds, "steps": steps,
                "dataset": ds.name, "batch_size": s.batch_size, "teacher": s.teacher, "student": s.student, "threads": threads,
                "device": s.device, "gpu": torch.cuda.get_device_name(torch.device(s.device)) if s.device.startswith("cuda") else None,
                "fast": dict(fast), "variants": dict(variants or {}), "loadavg": load, "torch": torch.__version__,
                "malloc": {k: os.environ[k] for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if k in os.environ}}
         # the median of the per-round ratios: each round's contenders saw the same load
-        out["ratios"] = {f"{a}/{b}": _median([x / y for x, y in zip(rates[a], rates[b])])
+        out["ratios"] = {f"{a}/{b}": statistics.median([x / y for x, y in zip(rates[a], rates[b])])
                          for a in names if a.startswith("kdbook") for b in ("torchdistill", "plain") if b in rates}
         if parts:
             x, y = next(iter(cs.values())).next_batch()

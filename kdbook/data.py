@@ -29,8 +29,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['DATASETS', 'SYSTEM_FASHION_MNIST', 'Split', 'ImageDataset', 'cache_dir', 'dataset_locations', 'find_dataset',
            'DatasetFormatError', 'read_idx', 'read_cifar_pickle', 'DatasetNotFoundError', 'load_dataset', 'crop_flip',
-           'DeviceLoader', 'make_loaders', 'device_sync', 'median_times', 'bench_loader', 'ExpertSplit', 'expert_split',
-           'exemplar_memory']
+           'DeviceLoader', 'make_loaders', 'device_sync', 'median_times', 'PerImageDataset', 'per_image_transform',
+           'bench_loader', 'ExpertSplit', 'expert_split', 'exemplar_memory']
 
 # %% ../nbs/01_data.ipynb #02614602
 @dataclass
@@ -481,10 +481,17 @@ def median_times(fns: Sequence[Callable[[], object]], # the functions to time, c
     return [sorted(t)[len(t) // 2] for t in times]
 
 # %% ../nbs/01_data.ipynb #3ce2af1d
-class _TransformDataset(torch.utils.data.Dataset):
-    def __init__(self, split, transform): self.x, self.y, self.transform = split.x, split.y, transform
+class PerImageDataset(torch.utils.data.Dataset):
+    "A split served one image at a time through a torchvision transform: what a `DataLoader` pipeline reads."
+    def __init__(self, split: Split, transform): self.x, self.y, self.transform = split.x, split.y, transform
     def __len__(self): return len(self.y)
-    def __getitem__(self, i): return self.transform(self.x[i]), self.y[i]
+    def __getitem__(self, i): return self.transform(self.x[i]), int(self.y[i])
+
+def per_image_transform(ds: ImageDataset):
+    "The dataset's crop and flip, then scaling and normalisation, per image with torchvision (as RepDistiller and torchdistill's examples do)."
+    from torchvision import transforms as T
+    aug = ([T.RandomCrop(ds.image_size, padding=ds.pad)] if ds.pad else []) + ([T.RandomHorizontalFlip()] if ds.flip else [])
+    return T.Compose(aug + [T.ConvertImageDtype(torch.float32), T.Normalize(ds.mean, ds.std)])
 
 def bench_loader(ds: ImageDataset, batch_size: int = 128,
                  n_batches: int = 50, # batches timed per pipeline
@@ -492,14 +499,11 @@ def bench_loader(ds: ImageDataset, batch_size: int = 128,
                  threads: int | None = 1, # torch CPU threads while timing (None: leave as is)
                 ) -> dict:
     "Images/s of `DeviceLoader` and of torch's `DataLoader` with per-sample torchvision transforms, and their ratio."
-    from torchvision import transforms as T
     device = torch.device(device)
     n_batches = min(n_batches, len(ds.train) // batch_size - 1)
     if n_batches < 1: raise ValueError(f"{ds.name} has too few training samples for two batches of {batch_size}")
-    aug = ([T.RandomCrop(ds.image_size, padding=ds.pad)] if ds.pad else []) + ([T.RandomHorizontalFlip()] if ds.flip else [])
-    plain = torch.utils.data.DataLoader(
-        _TransformDataset(ds.train, T.Compose(aug + [T.ConvertImageDtype(torch.float32), T.Normalize(ds.mean, ds.std)])),
-        batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+    plain = torch.utils.data.DataLoader(PerImageDataset(ds.train, per_image_transform(ds)),
+                                        batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
     fast = DeviceLoader(ds.train, batch_size, train=True, mean=ds.mean, std=ds.std, pad=ds.pad, flip=ds.flip, device=device)
 
     def rate(batches):
