@@ -9,7 +9,7 @@ from __future__ import annotations   # signatures name types, not `__main__.` on
 import time
 import torch
 
-from .data import ImageDataset, Split, DatasetNotFoundError, load_dataset, bench_loader, device_sync
+from .data import ImageDataset, DatasetNotFoundError, load_dataset, bench_loader, device_sync, synthetic_dataset
 from .models import create_model, bench_teacher_bank, randomize_bn
 from .learner import Distiller, Method, TrainConfig, resolve_device
 from .baselines import AVER
@@ -19,27 +19,13 @@ from .moekd import moekd_memory, moekd_speed
 from .cfl import cfl_speed
 from .mec import mec_speed
 from .mmkd import mmkd_speed
-from .dist import ddp_speed
+from .ddp_checks import ddp_speed
 
 # %% auto #0
-__all__ = ['PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS', 'synthetic_dataset', 'distill_throughput',
-           'run_benchmarks', 'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PeerContender',
-           'repdistiller_kd', 'plain_contender', 'torchdistill_contender', 'kdbook_contender', 'peer_step_functions',
-           'peer_losses', 'peer_benchmark', 'peer_benchmark_child', 'peer_report', 'format_peer']
-
-# %% ../nbs/30_bench.ipynb #533fc3c1
-def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
-                      seed: int = 0) -> ImageDataset:
-    "Random uint8 images and labels in the shape of a real dataset, for timing the machinery."
-    if n_classes < 1 or n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"synthetic_dataset needs n_classes, n_train, n_test >= 1 and a (C, H, W) shape, "
-                         f"got n_classes={n_classes}, n_train={n_train}, n_test={n_test}, shape={shape}")
-    g = torch.Generator().manual_seed(seed)
-    split = lambda n: Split(torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
-                            torch.randint(0, n_classes, (n,), generator=g))
-    c = shape[0]
-    return ImageDataset(f"synthetic{list(shape)}", split(n_train), split(n_test), [str(i) for i in range(n_classes)],
-                        (0.5,) * c, (0.25,) * c, pad=4 if shape[-1] >= 32 else 0, flip=shape[-1] >= 32, source="random")
+__all__ = ['PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS', 'distill_throughput', 'run_benchmarks',
+           'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PeerContender', 'repdistiller_kd',
+           'plain_contender', 'torchdistill_contender', 'kdbook_contender', 'peer_step_functions', 'peer_losses',
+           'peer_benchmark', 'peer_benchmark_child', 'peer_report', 'format_peer']
 
 # %% ../nbs/30_bench.ipynb #7f4a64f5
 def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
@@ -165,7 +151,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import Tensor
 from .baselines import KD
-from .data import DeviceLoader, PerImageDataset, median_times, per_image_transform   # the DataLoader pipeline (chapter 01)
+from .data import PerImageDataset, median_times, per_image_transform   # the DataLoader pipeline (chapter 01)
 from .models import TeacherBank
 
 # %% ../nbs/30_bench.ipynb #peer0002

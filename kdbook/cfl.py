@@ -16,7 +16,8 @@ from torch import Tensor
 from .core import check_choice, check_int, check_nonneg, check_temperature, upcast
 from .data import ExpertSplit, ImageDataset, Split, expert_split, median_times
 from .models import ModelOut
-from .learner import Method, TrainConfig, register_method, train_teachers
+from .learner import Method, TrainConfig, register_method
+from .study import train_teachers
 from .baselines import check_teacher_index
 from .dist import all_gather_cat
 

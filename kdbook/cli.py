@@ -16,12 +16,11 @@ from . import __version__
 from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
 from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
-from .learner import (METHODS, TrainConfig, atomic_write_text, check_method_param, method_factories, resolve_device,
-                            run_study, train_teachers)
+from .learner import TrainConfig, atomic_write_text, check_method_param, registered_methods, resolve_device
+from .study import method_factories, run_study, train_teachers
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
 from .mec import memory_data
-import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl, kdbook.mec, kdbook.mmkd   # noqa: F401 -- importing a chapter registers its methods
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_METHODS', 'EXPERT_METHODS', 'RECIPES', 'BOOK_URL', 'Preset', 'Recipe', 'build_parser',
@@ -49,6 +48,7 @@ PRESETS = {
 DEFAULT_METHODS = ("aver", "ebkd", "camkd", "fitnet", "aekd")
 EXPERT_METHODS = ("ka", "cfl")   # the default with --experts: methods whose teachers are experts over class groups
 
+# %% ../nbs/90_cli.ipynb #ba397bc4
 @dataclasses.dataclass
 class Recipe:
     "A published schedule, named for its source: epochs, lr and the epochs where the lr is divided by 10."
@@ -113,8 +113,8 @@ def _run_parser(sub) -> None:
                    help=f"comma-separated teacher architectures (default: the preset's; digits: {','.join(d.teachers)})")
     r.add_argument("--student", type=lambda v: _names(v, MODELS, "model")[0],
                    help=f"student architecture (default: the preset's; digits: {d.student})")
-    r.add_argument("--methods", type=lambda v: _names(v, METHODS, "method"),
-                   help=f"comma-separated methods, from the registry: {', '.join(METHODS)} "
+    r.add_argument("--methods", type=lambda v: _names(v, registered_methods(), "method"),
+                   help=f"comma-separated methods, from the registry: {', '.join(registered_methods())} "
                         f"(default: {','.join(DEFAULT_METHODS)}; with --experts: {','.join(EXPERT_METHODS)})")
     r.add_argument("--experts", type=_positive_int, metavar="N",
                    help="amalgamation (chapter 12): N expert teachers, each trained on its own group of the classes "
@@ -177,59 +177,81 @@ def _output_folder(out) -> Path:
 def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "key", "test_top1", "cached")}
 
 # %% ../nbs/90_cli.ipynb #931de473
+def _check_methods(methods, settings, experts, memory, n_teachers: int) -> tuple:
+    "The methods to run and their settings by method, every name, parameter and value checked, before any training."
+    kwargs = {}
+    for method, param, value in settings: kwargs.setdefault(method, {})[param] = value
+    methods = list(methods or (EXPERT_METHODS if experts else DEFAULT_METHODS))
+    method_factories(methods, kwargs)
+    if memory and not experts: raise ValueError(f"--memory {memory} selects exemplars under each expert: it needs --experts N")
+    if experts:
+        registry = registered_methods()
+        flat = [m for m in methods if not getattr(registry[m], "amalgamation", False)]
+        amalgamate = [m for m, c in registry.items() if getattr(c, "amalgamation", False)]
+        if flat: raise ValueError(f"--experts trains experts over class groups, but {', '.join(map(repr, flat))} needs "
+                                  f"teachers over all the classes; methods that amalgamate: {', '.join(amalgamate)}")
+    for params in kwargs.values():   # a single-teacher method's teacher index, against the bank this run builds
+        if "teacher" in params: check_teacher_index(params["teacher"], n_teachers)
+    return methods, kwargs
+
+def _train_configs(pre: Preset, recipe, student: str, epochs, teacher_epochs, batch_size, lr, device, experts) -> tuple:
+    "The students' and the teachers' `TrainConfig`: the preset's, or a published recipe's, with the flags over them."
+    bs = batch_size or pre.batch_size
+    if recipe is not None:
+        if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+        rec = RECIPES[recipe]
+        return (rec.config(False, epochs, lr or rec.student_lr.get(student), batch_size=bs, device=device),
+                rec.config(True, teacher_epochs, lr, batch_size=bs, device=device))
+    scfg = TrainConfig(epochs=epochs or pre.epochs, batch_size=bs, lr=lr or pre.lr, device=device)
+    tcfg = dataclasses.replace(scfg, epochs=teacher_epochs or pre.teacher_epochs)
+    if experts:   # amalgamating students train with Adam, as in chapters 12-13 (the book's SGD made CFL's feature term diverge)
+        scfg = dataclasses.replace(scfg, optimizer="adam", lr=lr or 1e-3, weight_decay=1e-4)
+    return scfg, tcfg
+
+# %% ../nbs/90_cli.ipynb #8379f5ea
+def _load_everywhere(data: str):
+    "The dataset, loaded by rank 0 first under torchrun (it may fetch and unpack), then by the other ranks."
+    if current().is_main: ds = load_dataset(data)
+    barrier()
+    return ds if current().is_main else load_dataset(data)
+
+def _teachers_and_data(ds, teachers, experts, memory, tcfg, log) -> tuple:
+    "Train or load the teachers (experts over class groups with `experts`); the training data (the exemplar memory with `memory`)."
+    am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
+    if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):
+        raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {ds.name}")
+    log(f"data: {ds.name} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
+    t0 = time.perf_counter()
+    if am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="console")
+    else: tnets = am.train_experts(teachers, cfg=tcfg, progress="console", verbose=True)
+    info = [_teacher_info(t) for t in tnets]
+    for i, t in zip(info, am.tasks if am else []): i["classes"] = t.tolist()
+    log("teachers: " + ", ".join(f"{t['arch']} {t['test_top1']:.2f}%" + (f" on classes {t['classes']}" if am else "")
+                                 for t in info) + f" ({time.perf_counter() - t0:.1f}s)")
+    if not memory: return am, tnets, info, ds
+    passes = max(1, len(ds.train) // (memory * ds.n_classes))
+    train_ds = memory_data(am, tnets, memory, repeat=passes)
+    log(f"memory: {memory} images per class ({memory * ds.n_classes} in all), "
+        f"{len(train_ds.train) // (memory * ds.n_classes)} passes per epoch")
+    return am, tnets, info, train_ds
+
+# %% ../nbs/90_cli.ipynb #909b6b2c
 def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
                  fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print) -> dict:
     "`kdbook run`: the preset (flags override), every input checked, teachers trained or loaded, then `run_study`."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
-    pre, kwargs = PRESETS[data], {}
-    for method, param, value in settings: kwargs.setdefault(method, {})[param] = value
-    methods = list(methods or (EXPERT_METHODS if experts else DEFAULT_METHODS))
-    method_factories(methods, kwargs)                  # names, parameters and values, before any training
-    if memory and not experts: raise ValueError(f"--memory {memory} selects exemplars under each expert: it needs --experts N")
-    if experts:
-        flat = [m for m in methods if not getattr(METHODS[m], "amalgamation", False)]
-        if flat: raise ValueError(f"--experts trains experts over class groups, but {', '.join(map(repr, flat))} needs teachers "
-                                  f"over all the classes; methods that amalgamate: {', '.join(m for m, c in METHODS.items() if getattr(c, 'amalgamation', False))}")
+    pre = PRESETS[data]
     teachers, student = list(teachers or pre.teachers), student or pre.student
+    methods, kwargs = _check_methods(methods, settings, experts, memory, len(teachers))
     for a in teachers + [student]:
         if a not in MODELS: raise ValueError(f"unknown model {a!r}; valid: {', '.join(MODELS)}")
-    for method, params in kwargs.items():   # a single-teacher method's teacher index, against the bank this run builds
-        if "teacher" in params: check_teacher_index(params["teacher"], len(teachers))
-    bs = batch_size or pre.batch_size
-    if recipe is None:
-        scfg = TrainConfig(epochs=epochs or pre.epochs, batch_size=bs, lr=lr or pre.lr, device=device)
-        tcfg = dataclasses.replace(scfg, epochs=teacher_epochs or pre.teacher_epochs)
-        if experts:   # amalgamating students train with Adam, as in chapters 12-13 (the book's SGD made CFL's feature term diverge)
-            scfg = dataclasses.replace(scfg, optimizer="adam", lr=lr or 1e-3, weight_decay=1e-4)
-    else:
-        if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
-        rec = RECIPES[recipe]
-        scfg = rec.config(False, epochs, lr or rec.student_lr.get(student), batch_size=bs, device=device)
-        tcfg = rec.config(True, teacher_epochs, lr, batch_size=bs, device=device)
+    scfg, tcfg = _train_configs(pre, recipe, student, epochs, teacher_epochs, batch_size, lr, device, experts)
     dev, out = resolve_device(scfg.device), _output_folder(out)
     threads, saved = threads or pre.threads, torch.get_num_threads()
     if threads and dev.type == "cpu": torch.set_num_threads(threads)
     try:
-        if current().is_main: ds = load_dataset(data)      # under torchrun rank 0 fetches (and unpacks) first, the others then read it
-        barrier()
-        if not current().is_main: ds = load_dataset(data)
-        am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
-        if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):   # before the experts train
-            raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {data}")
-        log(f"data: {data} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
-        t0 = time.perf_counter()
-        if am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="console", verbose=True)
-        else: tnets = am.train_experts(teachers, cfg=tcfg, progress="console", verbose=True)
-        info = [_teacher_info(t) for t in tnets]
-        if am is not None:
-            for i, t in zip(info, am.tasks): i["classes"] = t.tolist()
-        log("teachers: " + ", ".join(f"{t['arch']} {t['test_top1']:.2f}%" + (f" on classes {t['classes']}" if am else "") for t in info)
-            + f" ({time.perf_counter() - t0:.1f}s)")
-        train_ds = ds
-        if memory:
-            train_ds = memory_data(am, tnets, memory, repeat=max(1, len(ds.train) // (memory * ds.n_classes)))
-            log(f"memory: {memory} images per class ({memory * ds.n_classes} in all), {len(train_ds.train) // (memory * ds.n_classes)} passes per epoch")
+        am, tnets, info, train_ds = _teachers_and_data(_load_everywhere(data), teachers, experts, memory, tcfg, log)
         res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
                         out=out, fresh=fresh, on_error="record", log=log, tasks=am.tasks if am else None,
                         extra={"teachers": info, "teacher_cfg": tcfg.to_dict()})
@@ -269,7 +291,7 @@ def _method_list(labels) -> str:
     "One HTML list item per method: its name, the paper it comes from, a link to the chapter that derives it."
     items = []
     for label in labels:
-        cls = METHODS.get(label)
+        cls = registered_methods().get(label)
         if cls is None: items.append(f"<li>{html.escape(label)}</li>"); continue
         url = f"{BOOK_URL}/{cls.chapter}.html"
         items.append(f'<li><b>{html.escape("student" if label == "ce" else label)}</b>: {html.escape(cls.paper)} '

@@ -30,7 +30,7 @@ from torch import Tensor
 __all__ = ['DATASETS', 'SYSTEM_FASHION_MNIST', 'Split', 'ImageDataset', 'cache_dir', 'dataset_locations', 'find_dataset',
            'DatasetFormatError', 'read_idx', 'read_cifar_pickle', 'DatasetNotFoundError', 'load_dataset', 'crop_flip',
            'DeviceLoader', 'make_loaders', 'device_sync', 'median_times', 'PerImageDataset', 'per_image_transform',
-           'bench_loader', 'ExpertSplit', 'expert_split', 'exemplar_memory']
+           'bench_loader', 'ExpertSplit', 'expert_split', 'exemplar_memory', 'synthetic_dataset']
 
 # %% ../nbs/01_data.ipynb #02614602
 @dataclass
@@ -568,3 +568,17 @@ def exemplar_memory(feats: Tensor, # features `[N, D]`
         dist = (f - f.mean(0)).pow(2).sum(1)
         out.append(members[torch.sort(dist, stable=True).indices[:k]])
     return torch.cat(out)
+
+# %% ../nbs/01_data.ipynb #533fc3c1
+def synthetic_dataset(n_classes: int = 10, shape: tuple = (3, 32, 32), n_train: int = 512, n_test: int = 64,
+                      seed: int = 0) -> ImageDataset:
+    "Random uint8 images and labels in the shape of a real dataset, for timing the machinery."
+    if n_classes < 1 or n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"synthetic_dataset needs n_classes, n_train, n_test >= 1 and a (C, H, W) shape, "
+                         f"got n_classes={n_classes}, n_train={n_train}, n_test={n_test}, shape={shape}")
+    g = torch.Generator().manual_seed(seed)
+    split = lambda n: Split(torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8),
+                            torch.randint(0, n_classes, (n,), generator=g))
+    c = shape[0]
+    return ImageDataset(f"synthetic{list(shape)}", split(n_train), split(n_test), [str(i) for i in range(n_classes)],
+                        (0.5,) * c, (0.25,) * c, pad=4 if shape[-1] >= 32 else 0, flip=shape[-1] >= 32, source="random")

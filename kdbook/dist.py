@@ -1,4 +1,4 @@
-"""Every method of the book trained with PyTorch's `DistributedDataParallel`, started by `torchrun`: each rank's share of the batch, the learning-rate rule, what each method synchronises and why, a check that two processes train the same student as one, and the commands for several GPUs and several machines.
+"""Every method of the book trained with PyTorch's `DistributedDataParallel`, started by `torchrun`: each rank's share of the batch, the learning-rate rule, what each method synchronises and why, the collectives, and local process groups. Chapter 08 checks by training that two processes train the same student as one.
 
 Docs: https://kdbook.github.io/kdbook/distributed.html.md"""
 
@@ -17,7 +17,7 @@ from .core import check_choice
 # %% auto #0
 __all__ = ['BACKENDS', 'LR_RULES', 'Dist', 'current', 'launcher_env', 'resolve_backend', 'init_distributed', 'shutdown',
            'rank_device', 'per_rank_batch', 'lr_scale', 'all_reduce', 'all_reduce_grads', 'all_gather_cat',
-           'all_gather_objects', 'broadcast_object', 'barrier', 'free_port', 'spawn', 'equivalence_run', 'ddp_speed']
+           'all_gather_objects', 'broadcast_object', 'barrier', 'free_port', 'spawn']
 
 # %% ../nbs/06_distributed.ipynb #b1d57811
 BACKENDS = ("auto", "gloo", "nccl")
@@ -73,6 +73,7 @@ def resolve_backend(backend: str, device: str) -> str:
         raise ValueError(f"backend 'nccl' runs on GPUs, but the device is {device!r}: use --device cuda, or --backend gloo")
     return backend
 
+# %% ../nbs/06_distributed.ipynb #59afe670
 def init_distributed(backend: str = "auto", # "auto" (NCCL on GPUs, gloo on the CPU), "gloo" or "nccl"
                      device: str = "auto", # the training device kind: each rank takes cuda:LOCAL_RANK on GPUs
                      lr_rule: str = "global", # "global": the recipe's batch split across ranks, lr kept; "linear": per-rank batch = the recipe's, lr × world size
@@ -213,6 +214,7 @@ def _child() -> None:
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(0)   # the result is on disk: skip the interpreter's teardown, where a communication thread's destructor can still abort
 
+# %% ../nbs/06_distributed.ipynb #423cff10
 def spawn(fn, # a function of an importable module (the children import it by name), called as fn(*args) on every rank
           world_size: int = 2, args: tuple = (),
           backend: str = "gloo", lr_rule: str = "global",
@@ -225,7 +227,7 @@ def spawn(fn, # a function of an importable module (the children import it by na
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if fn.__module__ == "__main__":
         raise ValueError(f"spawn starts new processes, which import {fn.__qualname__!r} by its module: give a function of an "
-                         "importable module (e.g. kdbook.dist.equivalence_run), not one defined in __main__ or a notebook")
+                         "importable module (e.g. kdbook.ddp_checks.equivalence_run), not one defined in __main__ or a notebook")
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory() as tmp:
         job = os.path.join(tmp, "job.pt")
@@ -255,64 +257,3 @@ def spawn(fn, # a function of an importable module (the children import it by na
                                + logs[r].read()[-3000:])
         for f in logs: f.close()
         return [torch.load(f"{job}.rank-{r}", weights_only=False) for r in range(world_size)]
-
-# %% ../nbs/06_distributed.ipynb #bc33ea4e
-def equivalence_run(method: str = "aver", # a registered method
-                    epochs: int = 1, batch_size: int = 64, # the recipe's (global) batch
-                    n_train: int = 320, # the first digits used for training (steps per epoch = n_train // batch_size)
-                    seed: int = 0, settings: dict | None = None) -> dict:
-    "Train an MLP student on digits from two random MLP teachers without augmentation, on however many ranks are up; its final weights, the method's state and the history."
-    from kdbook.data import ImageDataset, Split, load_dataset
-    from kdbook.learner import Distiller, TrainConfig, make_method
-    from kdbook.models import create_model
-    import kdbook.baselines, kdbook.aekd, kdbook.moekd, kdbook.cfl, kdbook.mec, kdbook.mmkd   # noqa: F401 -- registers the methods
-    full = load_dataset("digits")
-    data = ImageDataset(full.name, Split(full.train.x[:n_train], full.train.y[:n_train]), full.test, full.classes,
-                        full.mean, full.std, pad=0, flip=False, source=full.source)
-    torch.manual_seed(1000)
-    teachers = [create_model("mlp", data.n_classes, data.in_channels).eval() for _ in range(2)]
-    torch.manual_seed(seed)
-    student = create_model("mlp", data.n_classes, data.in_channels)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.1, seed=seed, device="cpu", augment=False,
-                      schedule="constant")
-    m = make_method(method, **(settings or {}))
-    d = Distiller(student, m, data, teachers=teachers if m.needs_teachers else None, cfg=cfg, progress=False)
-    hist = d.fit()
-    return {"state": {k: v.detach().clone() for k, v in d.student.state_dict().items()}, "history": hist,
-            "method": {k: v.detach().clone() for k, v in d.method.state_dict().items()}}
-
-# %% ../nbs/06_distributed.ipynb #f1f836cb
-def _speed_worker(method: str, batch_size: int, steps: int, student: str, teacher: str, M: int) -> float:
-    "Median seconds per training step of `method` on this rank (fashion-sized random data, random teachers)."
-    import time
-    from kdbook.bench import synthetic_dataset
-    from kdbook.learner import Distiller, TrainConfig, make_method
-    from kdbook.models import create_model
-    import kdbook.baselines, kdbook.aekd   # noqa: F401 -- registers the methods
-    data = synthetic_dataset(10, (1, 28, 28), n_train=batch_size * (steps + 3), n_test=256)
-    torch.manual_seed(0)
-    teachers = [create_model(teacher, 10, 1).eval() for _ in range(M)]
-    m = make_method(method)
-    d = Distiller(create_model(student, 10, 1), m, data, teachers=teachers if m.needs_teachers else None,
-                  cfg=TrainConfig(epochs=1, batch_size=batch_size, device="cpu", augment=False), progress=False)
-    d.setup()
-    times = []
-    for batch in d.train_dl:
-        barrier(); t0 = time.perf_counter()
-        d.train_step(batch)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[3:])[len(times[3:]) // 2]
-
-def ddp_speed(method: str = "aver", # a registered method
-              world_size: int = 2, batch_size: int = 128, # the global batch: split across the ranks
-              steps: int = 12, student: str = "cnn_tiny", teacher: str = "cnn_small", M: int = 3,
-              threads: int | None = None, # torch threads of the one process (default: the machine's cores); each rank gets threads // world_size
-             ) -> dict:
-    "Images/s of one process vs `world_size` DDP processes (gloo, CPU) at the same global batch, both in child processes started the same way."
-    threads = threads or os.cpu_count() or 1
-    one = spawn(_speed_worker, 1, (method, batch_size, steps, student, teacher, M), threads=threads)[0]
-    many = max(spawn(_speed_worker, world_size, (method, batch_size, steps, student, teacher, M),
-                     threads=max(1, threads // world_size)))   # a DDP step ends when its slowest rank does
-    return {"method": method, "world_size": world_size, "batch_size": batch_size, "threads": threads,
-            "one_step_s": one, "ddp_step_s": many, "one_images_per_s": batch_size / one,
-            "ddp_images_per_s": batch_size / many, "speedup": one / many}

@@ -1,4 +1,4 @@
-"""The `Method` protocol and its registry, the `Distiller` training loop, its callbacks (progress, live plot, metrics log, atomic checkpoints, resume), a cached teacher zoo, and the one study runner every chapter uses.
+"""The `Method` protocol and its registry, the `Distiller` training loop and its callbacks (progress, live plot, metrics log, atomic checkpoints, resume): the engine every chapter trains with.
 
 Docs: https://kdbook.github.io/kdbook/learner.html.md"""
 
@@ -6,12 +6,11 @@ Docs: https://kdbook.github.io/kdbook/learner.html.md"""
 
 # %% ../nbs/03_learner.ipynb #50ddf426
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import dataclasses, hashlib, inspect, json, math, os, shutil, time, traceback
-from dataclasses import dataclass, field
+import dataclasses, importlib.metadata, inspect, json, math, os, shutil, time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,18 +18,16 @@ from torch import Tensor
 from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .data import DeviceLoader, ImageDataset, cache_dir, make_loaders
+from .data import ImageDataset, make_loaders
 from .dist import all_gather_objects, all_reduce, all_reduce_grads, barrier, broadcast_object, current, lr_scale, per_rank_batch
-from .models import ModelOut, TeacherBank, TeacherOut, create_model
+from .models import ModelOut, TeacherBank, TeacherOut
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'TrainConfig', 'learning_rate', 'method_params', 'Method', 'register_method',
-           'check_method_param', 'make_method', 'topk_correct', 'task_accuracy', 'atomic_write_text',
-           'atomic_write_dir', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'Callback', 'format_record',
-           'ProgressCallback', 'LivePlotCallback', 'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device',
-           'Distiller', 'CheckpointCallback', 'dataset_fingerprint', 'teacher_key', 'train_teachers',
-           'model_fingerprint', 'StudyResult', 'method_factories', 'run_study']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'METHOD_PLUGINS', 'TrainConfig', 'learning_rate', 'method_params', 'Method',
+           'load_method_plugins', 'registered_methods', 'register_method', 'check_method_param', 'make_method',
+           'topk_correct', 'task_accuracy', 'atomic_write_text', 'atomic_write_dir', 'optimizer_to_safetensors',
+           'optimizer_from_safetensors', 'Callback', 'format_record', 'ProgressCallback', 'LivePlotCallback',
+           'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller', 'CheckpointCallback']
 
 # %% ../nbs/03_learner.ipynb #594c6f90
 OPTIMIZERS = ("sgd", "adam")
@@ -132,7 +129,27 @@ class Method(nn.Module):
 
 # %% ../nbs/03_learner.ipynb #68061f35
 METHODS: dict = {}
+METHOD_PLUGINS = "kdbook.methods"   # the entry-point group whose modules register methods when imported
+_plugins_loaded = False
 
+def load_method_plugins() -> None:
+    """Import, once, every module declared under the `kdbook.methods` entry-point group: the book's chapters
+    (kdbook's `pyproject.toml`) and any installed package's. Importing such a module registers its methods."""
+    global _plugins_loaded
+    if _plugins_loaded: return
+    _plugins_loaded = True   # set first: the modules imported here register methods, which must not load again
+    for ep in importlib.metadata.entry_points(group=METHOD_PLUGINS):
+        try: ep.load()
+        except Exception as e:
+            raise ImportError(f"the method plugin {ep.name!r} ({ep.value}, entry-point group {METHOD_PLUGINS!r}) "
+                              f"failed to import: {type(e).__name__}: {e}") from e
+
+def registered_methods() -> dict:
+    "name -> `Method` class: the book's methods, installed packages' and those registered in this process."
+    load_method_plugins()
+    return METHODS
+
+# %% ../nbs/03_learner.ipynb #1c2f9942
 def _qualname(cls: type) -> str: return f"{cls.__module__}.{cls.__qualname__}"
 
 def _same_definition(a: type, b: type) -> bool:
@@ -146,6 +163,7 @@ def register_method(cls: type) -> type:
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{_qualname(cls)} must set its own class attribute `name` (a non-empty string) to be registered")
+    if cls.__module__ == "__main__": load_method_plugins()   # so a notebook's class comes after the package's copy
     old = METHODS.get(name)
     if old is not None and _qualname(old) != _qualname(cls) and not _same_definition(old, cls):
         raise ValueError(f"method name {name!r} is taken by {_qualname(old)}; give {_qualname(cls)} another name")
@@ -156,8 +174,12 @@ register_method(Method)
 
 def check_method_param(name: str, param: str | None = None) -> None:
     "Raise a ValueError unless `name` is registered (and, if given, `param` is one of its hyper-parameters), listing what is."
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-    params = method_params(METHODS[name])
+    methods = registered_methods()
+    if name not in methods:
+        hint = "" if importlib.metadata.entry_points(group=METHOD_PLUGINS) else (
+            f" (no module declares the entry-point group {METHOD_PLUGINS!r}: install kdbook, e.g. pip install -e .)")
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(methods)}{hint}")
+    params = method_params(methods[name])
     if param is not None and param not in params:
         raise ValueError(f"method {name!r} has no parameter {param!r}; valid: {', '.join(params) or 'none'}")
 
@@ -165,7 +187,7 @@ def make_method(name: str, **settings) -> Method:
     "A new instance of the registered method `name` with hyper-parameters `settings`; errors say what is allowed."
     check_method_param(name)
     for k in settings: check_method_param(name, k)
-    return METHODS[name](**settings)
+    return registered_methods()[name](**settings)
 
 # %% ../nbs/03_learner.ipynb #7ea37a24
 def topk_correct(scores: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> dict:
@@ -639,6 +661,7 @@ def save(self: CheckpointCallback, learn) -> Path:
     barrier()   # no rank runs ahead of a checkpoint that is not on disk yet
     return path
 
+# %% ../nbs/03_learner.ipynb #0cc7b08d
 @patch
 def load(self: CheckpointCallback, learn, path) -> None:
     "Restore student, method, optimizer, RNG and history from the checkpoint directory `path` (under DDP rank 0 reads it and "
@@ -673,223 +696,3 @@ def load(self: CheckpointCallback, learn, path) -> None:
     learn.opt.load_state_dict(optimizer_from_safetensors(blob["optimizer"], meta["optimizer"]))
     _set_rng_state({k[4:]: v for k, v in rng.items()}, learn.device)
     learn.history, learn.epoch = meta["history"], meta["epoch"]
-
-# %% ../nbs/03_learner.ipynb #96086e12
-def dataset_fingerprint(data: ImageDataset) -> str:
-    "A digest of a dataset's name, shapes, pixels and labels."
-    h = hashlib.sha256(data.name.encode())
-    for s in (data.train, data.test):
-        h.update(str(tuple(s.x.shape)).encode())
-        h.update(s.x.contiguous().numpy().tobytes()); h.update(s.y.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-def _dist_key() -> dict:
-    "Under DDP, what else shapes a trained network: the number of processes and the learning-rate rule (nothing on one process)."
-    d = current()
-    return {"dist": {"world_size": d.world_size, "lr_rule": d.lr_rule}} if d.active else {}
-
-def _train_key(cfg: TrainConfig) -> dict:
-    "The fields of a TrainConfig that change a trained network (not where or how fast it ran)."
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "eval_batch_size")}
-
-def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: str | None = None) -> str:
-    "The content address of a teacher: a hash of its architecture, dataset and training config."
-    spec = {"arch": arch, "data": fingerprint or dataset_fingerprint(data), "n_classes": data.n_classes,
-            "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1, **_dist_key()}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-# %% ../nbs/03_learner.ipynb #68ba1241
-def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainConfig, folder: Path, fp: str,
-                           progress, verbose: bool) -> nn.Module:
-    torch.manual_seed(seed)
-    model = create_model(arch, data.n_classes, data.in_channels)
-    d = current()   # under DDP rank 0 looks in the cache and sends what it finds; the teacher is trained by all ranks
-    found = broadcast_object((load_file(str(folder / "weights.safetensors")), json.loads((folder / "info.json").read_text()))
-                             if d.is_main and (folder / "info.json").exists() else None)
-    if found is not None:
-        model.load_state_dict(found[0])
-        info = found[1] | {"cached": True}
-    else:
-        if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
-        t0 = time.perf_counter()
-        hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
-        info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
-                "test_top1": hist[-1]["test_top1"], "test_top5": hist[-1]["test_top5"],
-                "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        def write(tmp):
-            save_file(state, str(tmp / "weights.safetensors"))
-            (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        if d.is_main: atomic_write_dir(folder, write)
-        barrier()
-        info = info | {"cached": False}
-    model.cpu().eval().info = info
-    return model
-
-def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequence[int] = (0,),
-                   epochs: int = 30, cfg: TrainConfig | None = None, cache=None, progress: bool | str = "auto",
-                   verbose: bool = True) -> list:
-    """Train (or load from the cache) one teacher per (arch, seed) pair; `archs` and `seeds` are zipped when
-    equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`."""
-    archs, seeds = ([archs] if isinstance(archs, str) else list(archs)), list(seeds)
-    pairs = list(zip(archs, seeds)) if len(archs) == len(seeds) else [(a, s) for a in archs for s in seeds]
-    base = cfg or TrainConfig(epochs=epochs)
-    root = Path(cache) if cache is not None else cache_dir("teachers")
-    fp = dataset_fingerprint(data)
-    out = []
-    for arch, seed in pairs:
-        c = dataclasses.replace(base, seed=seed)
-        out.append(_train_or_load_teacher(arch, seed, data, c, root / teacher_key(arch, data, c, fp), fp, progress, verbose))
-    return out
-
-# %% ../nbs/03_learner.ipynb #2438b9e6
-def model_fingerprint(model: nn.Module) -> str:
-    "A digest of a model's class and of every parameter and buffer (names, shapes, dtypes, values)."
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-def _digest(spec: dict) -> str: return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-# %% ../nbs/03_learner.ipynb #8c436d09
-@dataclass
-class StudyResult:
-    "What `run_study` returns: its configuration, one record per (method, seed), and the trained methods."
-    config: dict # data and its digest, student, teachers, method labels, seeds, training configuration, version
-    runs: dict # "label/seed" -> status, top1, top5, tasks, seconds, history, hparams, key, reused
-    methods: dict = field(default_factory=dict) # "label/seed" -> the trained `Method` (runs trained in this call)
-    extra: dict = field(default_factory=dict) # more JSON-able facts for results.json (e.g. the teachers' accuracies)
-
-    def top1(self, label: str) -> list:
-        "Final top-1 (%) of each finished seed of `label`."
-        return [r["top1"] for r in self.runs.values() if r["method"] == label and r["status"] == "ok"]
-
-    def summary(self) -> list:
-        "One row per method: top-1 mean and std over seeds, gain over the student alone (`ce`), seconds, failures."
-        rows, base = [], None
-        for label in self.config["methods"]:
-            rs, ok = [r for r in self.runs.values() if r["method"] == label], self.top1(label)
-            row = {"method": label, "n": len(ok), "failed": [r["error"] for r in rs if r["status"] != "ok"],
-                   "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
-                   "seconds": sum(r["seconds"] for r in rs)}
-            tasks = [r["tasks"] for r in rs if r["status"] == "ok" and r.get("tasks")]
-            if tasks: row["tasks"] = np.mean(tasks, axis=0).tolist()
-            if label == "ce": base = row["mean"]
-            row["gain"] = None if row["mean"] is None or base is None else row["mean"] - base
-            rows.append(row)
-        return rows
-
-    def to_json(self) -> dict:
-        "What `results.json` holds."
-        return {"config": self.config, "runs": self.runs, "summary": self.summary(), **self.extra}
-
-# %% ../nbs/03_learner.ipynb #8b40a669
-def method_factories(methods, settings: Mapping) -> dict:
-    "label -> a function returning a new Method; every name, parameter and value is checked (before any training)."
-    items = list(methods.items()) if isinstance(methods, Mapping) else [(m, m) for m in ([methods] if isinstance(methods, str) else methods)]
-    named = {spec for _, spec in items if isinstance(spec, str)}
-    for m in settings:
-        if m not in named: raise ValueError(f"settings given for method {m!r}, which this study does not run "
-                                            f"(methods: {', '.join(l for l, _ in items) or 'none'})")
-    out = {}
-    for label, spec in items:
-        if isinstance(spec, str):
-            kw = dict(settings.get(spec, {}))
-            make_method(spec, **kw)   # unknown names, parameters and bad values fail now, before any training
-            out[label] = lambda spec=spec, kw=kw: make_method(spec, **kw)
-        elif isinstance(spec, Method):
-            raise ValueError(f"method {label!r}: give a Method class or a function returning a new Method, not an instance "
-                             "(each seed trains a fresh one)")
-        elif callable(spec): out[label] = spec
-        else: raise ValueError(f"method {label!r} must be a registered name, a Method class or a factory, got {spec!r}")
-    return out
-
-def _finished_runs(path: Path) -> dict:
-    "The finished runs recorded in a results.json (none if there is no readable file)."
-    try: runs = json.loads(path.read_text())["runs"]
-    except (OSError, ValueError, KeyError, TypeError): return {}
-    return {k: r for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and "key" in r}
-
-# %% ../nbs/03_learner.ipynb #ce16170c
-def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
-    "The hash of everything that shapes a run's result."
-    return _digest({"data": data_fp, "student": model_fingerprint(net), "method": _qualname(type(method)),
-                    "name": method.name, "hparams": method.hparams(), "cfg": _train_key(cfg), "version": __version__,
-                    "teachers": teacher_fps if method.needs_teachers else None,
-                    "tasks": [t.tolist() for t in tasks] if tasks else None, **_dist_key()})
-
-def _train_run(label, seed, net, method, key, ctx) -> dict:
-    "Train one student; its record (a failure is recorded when `ctx['on_error']` is 'record')."
-    t0, out = time.perf_counter(), ctx["out"]
-    run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
-    rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
-    if ctx["fresh"] and run_dir is not None and run_dir.exists() and current().is_main: shutil.rmtree(run_dir)   # start over: no resume
-    barrier()
-    try:
-        d = Distiller(net, method, ctx["data"], teachers=ctx["teachers"] if method.needs_teachers else None,
-                      cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
-                      progress=False, tasks=ctx["tasks"])
-        last = d.fit()[-1]
-        return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"), "tasks_any": last.get("test_tasks_any"),
-                      "seconds": time.perf_counter() - t0, "reused": False, "record": method.record(),
-                      "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
-    except Exception as e:   # KeyboardInterrupt is no Exception: it stops the study, finished runs stay on disk
-        if ctx["on_error"] == "raise": raise
-        return rec | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                      "seconds": time.perf_counter() - t0}
-
-# %% ../nbs/03_learner.ipynb #46d0c6f0
-def run_study(data: ImageDataset, # every student trains and is tested on it
-              teachers: Sequence[nn.Module] | None, # trained teachers (`train_teachers`); None if no method needs any
-              student: str | Callable[[], nn.Module], # a zoo architecture, or a function returning a new student
-              methods: Sequence[str] | Mapping = (), # registered names, or label -> name | Method class | factory
-              seeds: Sequence[int] = (0,), # one student per method and seed
-              cfg: TrainConfig | None = None, # the students' training configuration (its seed is each run's)
-              settings: Mapping[str, dict] | None = None, # method name -> hyper-parameters, for methods given by name
-              baseline: bool = True, # also train the student alone (`ce`), first, unless listed
-              out=None, # folder for results.json, checkpoints and reuse (None: nothing written)
-              fresh: bool = False, # ignore finished runs and checkpoints in `out`: train everything again
-              tasks: Sequence[Tensor] | None = None, # class ids per task: per-task accuracy (amalgamation)
-              on_error: str = "raise", # "raise", or "record" a failed run and go on
-              log: Callable | None = None, # e.g. `print`: one line per run
-              extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
-             ) -> StudyResult:
-    "Train the student alone and one student per method and seed; reuse a finished run only if every setting matches."
-    if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
-    makers = method_factories(methods, dict(settings or {}))
-    if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
-    cfg, log, out = cfg or TrainConfig(), log or (lambda *a: None), (Path(out) if out is not None else None)
-    data_fp, teacher_fps = dataset_fingerprint(data), [model_fingerprint(t) for t in teachers or []]
-    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
-    config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
-              "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
-              "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
-              **current().to_dict()}   # world_size, backend, lr_rule (chapter 06)
-    # under DDP rank 0 reads the finished runs and alone writes results.json
-    old = broadcast_object({} if out is None or fresh or not current().is_main else _finished_runs(out / "results.json"))
-    res = StudyResult(config, {}, extra=dict(extra or {}))
-    def save():
-        if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
-    for label, make in makers.items():
-        for seed in config["seeds"]:
-            torch.manual_seed(seed)
-            net = create_model(student, data.n_classes, data.in_channels) if isinstance(student, str) else student()
-            method = make()
-            if not isinstance(method, Method): raise ValueError(f"method {label!r} built a {type(method).__name__}, not a Method")
-            name, key = f"{label}/{seed}", _run_key(data_fp, net, method, teacher_fps, dataclasses.replace(cfg, seed=seed), tasks)
-            prev = old.get(name)
-            if prev is not None and prev["key"] == key:
-                res.runs[name] = prev | {"reused": True}
-                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when trained)")
-                continue
-            if prev is not None: log(f"{label:10s} seed {seed}: settings changed since the run in {out}; training again")
-            res.runs[name] = rec = _train_run(label, seed, net, method, key, ctx)
-            if rec["status"] == "ok": res.methods[name] = method
-            log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] == "ok"
-                                                 else f"FAILED ({rec['error']})"))
-            save()
-    save()
-    return res

@@ -195,7 +195,7 @@ class MEC(Amalgamating):
         return {"heads_from_experts": list(getattr(self, "copied", []))}
 
 # %% ../nbs/13_mec.ipynb #ce45f989
-def mec_speed(data: ImageDataset,    # e.g. `kdbook.bench.synthetic_dataset(10, (1, 28, 28))`
+def mec_speed(data: ImageDataset,    # e.g. `kdbook.data.synthetic_dataset(10, (1, 28, 28))`
               n_experts: int = 5, batch: int = 64, reps: int = 20, student: str = "cnn_small", device: str = "cpu") -> dict:
     "Seconds per training step of KA, MEC with CAL only, MERL only and both (untrained experts alternating cnn_small/resnet8); ratios to KA."
     am = Amalgamation.split(data, n_experts, seed=0)

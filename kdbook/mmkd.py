@@ -476,7 +476,7 @@ def set_extra_state(self: MMKD, state: Tensor):
         self.meta_opt.state[p] = {"step": torch.tensor(step), "exp_avg": vals[("exp_avg", p)], "exp_avg_sq": vals[("exp_avg_sq", p)]}
 
 # %% ../nbs/14_mmkd.ipynb #fe2ef495
-def mmkd_speed(data: ImageDataset,      # e.g. `kdbook.bench.synthetic_dataset(10, (1, 28, 28))`
+def mmkd_speed(data: ImageDataset,      # e.g. `kdbook.data.synthetic_dataset(10, (1, 28, 28))`
                n_teachers: int = 3, batch: int = 64, reps: int = 10,
                student: str = "cnn_tiny", teacher: str = "cnn_small", device: str = "cpu") -> dict:
     "Seconds per step of AVER, of MMKD's training step and of one meta step (exact, first order, the code's replay), untrained teachers; MMKD's step with its meta step amortised over the period (5), as a multiple of AVER's."

@@ -6,7 +6,7 @@ import torch
 
 from kdbook import cli
 from kdbook import learner
-from kdbook.learner import METHODS
+from kdbook.learner import registered_methods
 from conftest import FASHION_MNIST, chromium, require_system
 
 def kdbook(*args, env=None, cwd=None):
@@ -113,10 +113,10 @@ def test_short_study_table_results_and_report(env, tmp_path):
     assert dom.count('class="main-svg"') >= 2, dom[:2000]   # plotly drew both figures, offline
 
 def test_a_failing_method_is_reported_and_the_others_kept(tmp_path, monkeypatch):
-    class Broken(METHODS["aver"]):
+    class Broken(registered_methods()["aver"]):
         name = "broken"
         def loss(self, batch, s, t): raise RuntimeError("this method is broken on purpose")
-    monkeypatch.setitem(METHODS, "broken", Broken)
+    monkeypatch.setitem(registered_methods(), "broken", Broken)
     monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
     res = cli.preset_study("digits", methods=["aver", "broken"], epochs=1, teacher_epochs=1, seeds=1,
                            out=tmp_path / "out", log=lambda *a: None)
@@ -131,8 +131,7 @@ def test_a_method_registered_in_user_code_runs_from_the_command(tmp_path, monkey
     "`--methods` comes from the registry: a Method registered by the user is a valid name, `--set` included."
     import torch.nn.functional as F
     from kdbook.learner import Method, register_method
-    monkeypatch.setattr(learner, "METHODS", dict(METHODS))   # registered for this test only
-    monkeypatch.setattr(cli, "METHODS", learner.METHODS)
+    monkeypatch.setattr(learner, "METHODS", dict(registered_methods()))   # registered for this test only
     @register_method
     class Smoothed(Method):
         name = "smoothed"
@@ -187,3 +186,26 @@ def test_cifar100_recipe_command_on_a_small_archive_in_the_real_format(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "paper" / "results.json").read_text())
     assert res["config"]["cfg"]["milestones"] == [150 / 350, 200 / 350, 250 / 350, 300 / 350] and res["config"]["cfg"]["epochs"] == 2
+
+
+def test_a_method_from_an_installed_package_runs_from_the_command(tmp_path):
+    "A package of the user's declares its module under the `kdbook.methods` entry points; `kdbook run` finds it by name."
+    site = tmp_path / "site"
+    (site / "kdbook_plugin_demo-0.1.dist-info").mkdir(parents=True)
+    (site / "kdbook_plugin_demo-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kdbook-plugin-demo\nVersion: 0.1\n")
+    (site / "kdbook_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text("[kdbook.methods]\ndemo = kdbook_plugin_demo\n")
+    (site / "kdbook_plugin_demo.py").write_text(
+        "import torch.nn.functional as F\nfrom kdbook.learner import Method, register_method\n\n"
+        "@register_method\nclass Tempered(Method):\n    name = 'tempered_ce'\n"
+        "    def __init__(self, eps: float = 0.1): super().__init__(); self.eps = eps\n"
+        "    def loss(self, batch, s, t): return {'loss': F.cross_entropy(s.logits, batch[1], label_smoothing=self.eps)}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "KDBOOK_CACHE": str(tmp_path / "cache")}
+    r = kdbook("run", "--methods", "tempered_ce,aver", "--set", "tempered_ce.eps=0.2", "--epochs", "1", "--teacher-epochs", "1",
+               "--seeds", "1", "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["runs"]["tempered_ce/0"]["status"] == "ok" and res["runs"]["tempered_ce/0"]["hparams"] == {"eps": 0.2}
+    assert res["runs"]["aver/0"]["status"] == "ok"                      # the book's methods are still found beside it
+    broken = kdbook("run", "--methods", "nope", "--out", str(tmp_path / "o2"), env=env)
+    assert broken.returncode == 2 and "tempered_ce" in broken.stderr    # the error lists the plugin's method too

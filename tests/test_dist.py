@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdbook.dist as kd
+from kdbook.ddp_checks import equivalence_run
 from kdbook.data import ImageDataset, Split, load_dataset, make_loaders
 
 HERE = Path(__file__).resolve().parent
@@ -77,8 +78,8 @@ def test_ranks_share_each_global_batch(world):
 @pytest.mark.parametrize("method,settings", [("aver", {}), ("aekd", {"C": 1.0}), ("aekd", {"C": 1.0, "gram": "mean"})])
 def test_two_processes_train_the_same_student_as_one(method, settings):
     "Without augmentation, 2 ranks at batch 32 each end 5 steps with the weights of 1 process at batch 64 (float32 rounding)."
-    alone = kd.equivalence_run(method, settings=settings)
-    two = kd.spawn(kd.equivalence_run, 2, (method, 1, 64, 320, 0, settings))
+    alone = equivalence_run(method, settings=settings)
+    two = kd.spawn(equivalence_run, 2, (method, 1, 64, 320, 0, settings))
     assert gap(two[0]["state"], two[1]["state"]) == 0
     assert gap(alone["state"], two[0]["state"]) < 1e-5
     assert abs(alone["history"][-1]["train_loss"] - two[0]["history"][-1]["train_loss"]) < 1e-5   # the mean over ranks
@@ -109,7 +110,7 @@ def test_aekd_ranks_solve_the_global_qp():
 def test_method_parameters_stay_equal_across_ranks():
     "FitNet-MKD's regressors sit outside DDP: their gradients are averaged, so their weights agree on every rank; their "
     "BatchNorm statistics (each rank's own while training) are rank 0's after the evaluation that ends each epoch."
-    two = kd.spawn(kd.equivalence_run, 2, ("fitnet", 1, 64, 320, 0, {}))
+    two = kd.spawn(equivalence_run, 2, ("fitnet", 1, 64, 320, 0, {}))
     a, b = two[0]["method"], two[1]["method"]
     params = [k for k in a if "running" not in k and a[k].is_floating_point()]
     assert params and any("running_mean" in k for k in a)
@@ -120,7 +121,7 @@ def test_method_parameters_stay_equal_across_ranks():
 def test_mmkd_meta_nets_take_the_same_step_on_every_rank():
     "Each rank's hypergradient comes from its own hard buffer; averaged, every rank's meta-nets and Adam moments agree."
     settings = {"period": 2, "buffer_size": 64, "beta": 0.0}
-    two = kd.spawn(kd.equivalence_run, 2, ("mmkd", 1, 64, 320, 0, settings))
+    two = kd.spawn(equivalence_run, 2, ("mmkd", 1, 64, 320, 0, settings))
     a, b = two[0]["method"], two[1]["method"]
     nets = [k for k in a if k.startswith("nets.") and a[k].is_floating_point()]
     assert nets and all(torch.equal(a[k], b[k]) for k in nets)

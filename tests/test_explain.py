@@ -125,7 +125,8 @@ def test_average_ranks_and_iou():
 
 def test_explain_maps_and_keep_students():
     from kdbook.data import load_dataset
-    from kdbook.learner import Method, TrainConfig, run_study
+    from kdbook.learner import Method, TrainConfig
+    from kdbook.study import run_study
     digits = load_dataset("digits").subset(n_train=200, n_test=40)
     keep = KeepStudents(lambda: create_model("cnn_small", 10, 1))
     study = run_study(digits, None, keep, {"alone": Method}, seeds=[0, 1], cfg=TrainConfig(epochs=1, batch_size=50), baseline=False)

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdbook.data import load_dataset
-from kdbook.learner import (Distiller, Method, NonFiniteLossError, TrainConfig, learning_rate, train_teachers,
-                            atomic_write_text)
+from kdbook.learner import Distiller, Method, NonFiniteLossError, TrainConfig, atomic_write_text, learning_rate
+from kdbook.study import train_teachers
 from kdbook.models import create_model
 
 SCRIPT = textwrap.dedent("""
@@ -135,12 +135,13 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 
 
 # ---- the method registry and the study runner ----
-from kdbook.learner import METHODS, StudyResult, make_method, register_method, run_study
+from kdbook.learner import make_method, register_method
+from kdbook.study import StudyResult, run_study
 import kdbook.learner as learner
 
 
 def test_registry_rejects_a_taken_name_naming_both_classes(monkeypatch):
-    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    monkeypatch.setattr(learner, "METHODS", dict(learner.registered_methods()))
     class First(Method): name = "dup_name"
     class Second(Method): name = "dup_name"
     register_method(First)
@@ -151,7 +152,7 @@ def test_registry_rejects_a_taken_name_naming_both_classes(monkeypatch):
 
 
 def test_a_user_method_runs_through_the_runner_like_a_builtin(monkeypatch):
-    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    monkeypatch.setattr(learner, "METHODS", dict(learner.registered_methods()))
     @register_method
     class Halved(Method):
         "Cross-entropy scaled by `scale`: a method defined in user code."
@@ -251,7 +252,7 @@ def test_prepare_runs_once_after_setup_and_before_restore_and_teacher_outputs_fa
 
 def test_a_chapter_notebook_and_the_package_can_both_register_their_copy_of_a_method(monkeypatch):
     "Running a chapter's notebook defines its classes in `__main__`; importing the package (e.g. through kdbook.cli) must not clash with them."
-    monkeypatch.setattr(learner, "METHODS", dict(METHODS))
+    monkeypatch.setattr(learner, "METHODS", dict(learner.registered_methods()))
     from kdbook.baselines import AVER
     notebook_copy = type("AVER", (Method,), {"name": "aver", "__module__": "__main__", "__qualname__": AVER.__qualname__})
     register_method(notebook_copy)

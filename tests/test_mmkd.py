@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kdbook.data import load_dataset
-from kdbook.learner import Callback, Distiller, TrainConfig, train_teachers
+from kdbook.learner import Callback, Distiller, TrainConfig
+from kdbook.study import train_teachers
 from kdbook.models import create_model
 from kdbook.mmkd import MMKD, HardBuffer, MetaWeightNet, hypergradient, outer_of, sgd_step, small_lookahead
 from conftest import quick_run
