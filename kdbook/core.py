@@ -160,13 +160,13 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class PairedComparison:
-    "Two methods over paired seeds: the mean of `a − b`, its confidence interval, p, the MDE and the verdict."
+    "Two methods over paired seeds: mean of `a − b`, its confidence interval, p, MDE and verdict."
     n: int # number of paired seeds
     mean_diff: float # mean over seeds of a − b
     ci_low: float # lower end of the (1 − alpha) confidence interval of the mean difference (paired t)
     ci_high: float # upper end of that interval
     p_value: float # two-sided p of the paired t-test (no difference)
-    mde: float # minimum detectable effect: the true difference this n calls "reproduces" with probability `power`
+    mde: float # minimum detectable effect: the true difference called "reproduces" with probability `power`
     verdict: str # "reproduces", "contradicted" or "not resolved at n seeds"
     claimed: float | None = None # the paper's margin (a − b), when it states one
     direction: int = 1 # the sign of a − b that the paper claims
@@ -183,10 +183,10 @@ def mde_factor(n: int, # paired seeds, >= 2
                alpha: float = 0.05, # the interval is (1 − alpha), two-sided
                power: float = 0.8, # the probability of the verdict "reproduces" at the MDE
               ) -> float: # k such that MDE = k · (standard deviation of the per-seed differences)
-    "The MDE of the paired t rule in units of the differences' standard deviation, exact (noncentral t, Eq. 11)."
+    "The MDE of the paired t rule in units of the differences' sd, exact (noncentral t, Eq. 11)."
     from scipy import optimize, stats
     df, crit = n - 1, _t_quantile(1 - alpha / 2, n - 1)
-    reach = lambda nc: stats.nct.sf(crit, df, nc) - power   # P(verdict "reproduces") − power at noncentrality nc
+    reach = lambda nc: stats.nct.sf(crit, df, nc) - power   # P("reproduces") − power at noncentrality nc
     hi = 2 * crit + 10
     while reach(hi) < 0: hi *= 2
     return float(optimize.brentq(reach, 0.0, hi, xtol=1e-12)) / math.sqrt(n)
@@ -197,8 +197,10 @@ def _check_runs(name: str, x) -> np.ndarray:
     try: arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a sequence of numbers, one per seed, got {x!r}") from e
-    if arr.ndim != 1: raise ValueError(f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}")
-    if not np.isfinite(arr).all(): raise ValueError(f"{name} must hold finite numbers only, got {arr.tolist()}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must hold finite numbers only, got {arr.tolist()}")
     return arr
 
 def _check_prob(name: str, value, low: float = 0.0) -> float:
@@ -217,13 +219,14 @@ def _verdict(lo: float, hi: float, direction: int, n: int) -> str:
 def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pairs with b's seed i
                       b, # method B's result per seed, same seeds, same order
                       claimed: float | None = None, # the paper's margin A − B, if it states one
-                      direction: int | None = None, # +1: the paper claims A > B, -1: A < B (default: claimed's sign, else +1)
+                      direction: int | None = None, # +1: paper claims A > B, -1: A < B (None: from claimed)
                       alpha: float = 0.05, # the confidence interval is (1 − alpha), two-sided
                       power: float = 0.8, # the power the minimum detectable effect is computed for
                      ) -> PairedComparison:
-    "Paired t comparison of A and B over seeds (Eq. 10): mean A − B, its interval, p, the MDE (Eq. 11), the verdict."
+    "Paired t comparison of A and B over seeds (Eq. 10): mean A − B, interval, p, MDE (Eq. 11), verdict."
     a, b = _check_runs("a", a), _check_runs("b", b)
-    if len(a) != len(b): raise ValueError(f"a and b must pair one result per seed: len(a)={len(a)}, len(b)={len(b)}")
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair one result per seed: len(a)={len(a)}, len(b)={len(b)}")
     if len(a) < 2: raise ValueError(f"a and b need at least 2 paired seeds, got {len(a)}")
     if claimed is not None and (isinstance(claimed, bool) or not isinstance(claimed, (int, float))
                                 or not math.isfinite(claimed)):
@@ -232,7 +235,8 @@ def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pai
     if direction is None: direction = sign
     if isinstance(direction, bool) or direction not in (1, -1):
         raise ValueError(f"direction must be +1 or -1, got {direction!r}")
-    if claimed and direction != sign: raise ValueError(f"direction {direction:+d} contradicts claimed={claimed!r}")
+    if claimed and direction != sign:
+        raise ValueError(f"direction {direction:+d} contradicts claimed={claimed!r}")
     alpha = _check_prob("alpha", alpha)
     power = _check_prob("power", power, alpha / 2)
     d = a - b
@@ -245,7 +249,8 @@ def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pai
         se = sd / math.sqrt(n)
         half = _t_quantile(1 - alpha / 2, n - 1) * se
         lo, hi, p = mean - half, mean + half, float(2 * stats.t.sf(abs(mean) / se, n - 1))
-    return PairedComparison(n, mean, lo, hi, p, mde_factor(n, alpha, power) * sd, _verdict(lo, hi, direction, n),
+    mde = mde_factor(n, alpha, power) * sd
+    return PairedComparison(n, mean, lo, hi, p, mde, _verdict(lo, hi, direction, n),
                             None if claimed is None else float(claimed), direction, alpha, power)
 
 # %% ../nbs/00_core.ipynb #evce562a
@@ -262,11 +267,14 @@ def verdict_table(rows, # {claim: PairedComparison} or [(claim, PairedComparison
         if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], str)
                 and isinstance(row[1], PairedComparison)):
             raise ValueError(f"rows must pair a claim (str) with a PairedComparison, got {row!r}")
-    if len({r.alpha for _, r in items}) > 1: raise ValueError("rows must share one alpha (one interval level per table)")
-    if style not in ("text", "markdown"): raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
+    if len({r.alpha for _, r in items}) > 1:
+        raise ValueError("rows must share one alpha (one interval level per table)")
+    if style not in ("text", "markdown"):
+        raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
     f = lambda x: f"{x:+.{digits}f}"
     head = ["claim", "paper", f"ours ({100 * (1 - items[0][1].alpha):g}% CI)", "n", "p", "MDE", "verdict"]
-    body = [[c, "—" if r.claimed is None else f(r.claimed), f"{f(r.mean_diff)} [{f(r.ci_low)}, {f(r.ci_high)}]",
+    body = [[c, "—" if r.claimed is None else f(r.claimed),
+             f"{f(r.mean_diff)} [{f(r.ci_low)}, {f(r.ci_high)}]",
              str(r.n), _fmt_p(r.p_value), f"{r.mde:.{digits}f}", r.verdict] for c, r in items]
     if style == "markdown":
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

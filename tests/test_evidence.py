@@ -10,7 +10,7 @@ from scipy import integrate, stats
 import kdbook.core as core
 from kdbook.core import PairedComparison, mde_factor, paired_comparison, verdict_table
 
-SIMS = 20_000   # simulated studies per rate: the rate's standard error is 0.0011 at 2.5%, 0.0028 at 80%
+SIMS = 20_000   # studies per simulated rate: standard error 0.0011 at 2.5%, 0.0028 at 80%
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -22,7 +22,8 @@ def test_agrees_with_scipy_ttest_rel(seed, alpha):
     a = b + rng.normal(rng.normal(0, 1), rng.uniform(0.05, 4), n)
     r, ref = paired_comparison(a, b, alpha=alpha), stats.ttest_rel(a, b)
     ci = ref.confidence_interval(confidence_level=1 - alpha)
-    np.testing.assert_allclose([r.p_value, r.ci_low, r.ci_high], [ref.pvalue, ci.low, ci.high], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose([r.p_value, r.ci_low, r.ci_high], [ref.pvalue, ci.low, ci.high],
+                               rtol=1e-9, atol=1e-12)
     assert r.n == n and r.mean_diff == pytest.approx(float(np.mean(a - b)), abs=1e-12)
 
 
@@ -38,14 +39,15 @@ def test_closed_form_two_degrees_of_freedom():
 
 
 def _power_by_integration(n: int, effect_in_sd: float, alpha: float) -> float:
-    "P(t > t_crit) for the one-sample t statistic, by integrating Φ over the χ² of the sd (no noncentral t used)."
+    "P(t > t_crit) of the one-sample t statistic, integrating Φ over the χ² of the sd (no noncentral t)."
     df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
     shift = effect_in_sd * math.sqrt(n)
     f = lambda v: stats.norm.sf(crit * math.sqrt(v / df) - shift) * stats.chi2.pdf(v, df)
     return integrate.quad(f, 0, np.inf, limit=200, epsabs=1e-12)[0]
 
 
-@pytest.mark.parametrize("n,alpha,power", [(2, 0.05, 0.8), (3, 0.05, 0.8), (5, 0.05, 0.9), (10, 0.1, 0.8), (40, 0.05, 0.8)])
+@pytest.mark.parametrize("n,alpha,power",
+                         [(2, 0.05, 0.8), (3, 0.05, 0.8), (5, 0.05, 0.9), (10, 0.1, 0.8), (40, 0.05, 0.8)])
 def test_mde_factor_solves_the_power_equation(n, alpha, power):
     k = mde_factor(n, alpha, power)
     assert _power_by_integration(n, k, alpha) == pytest.approx(power, abs=1e-7)
@@ -79,7 +81,7 @@ def test_mde_gives_the_stated_power(n):
 
 @pytest.mark.parametrize("wrong_quantile", [
     lambda q, df: float(stats.norm.ppf(q)),             # normal quantiles in place of t's
-    lambda q, df: float(stats.t.ppf(2 * q - 1, df)),    # a one-sided interval: t_{0.95} where t_{0.975} belongs
+    lambda q, df: float(stats.t.ppf(2 * q - 1, df)),    # one-sided: t_{0.95} where t_{0.975} belongs
 ])
 def test_the_simulation_catches_a_wrong_rule(monkeypatch, wrong_quantile):
     monkeypatch.setattr(core, "_t_quantile", wrong_quantile)
@@ -144,8 +146,8 @@ def test_verdict_table_rows_and_styles():
     assert text[0].split() == ["claim", "paper", "ours", "(95%", "CI)", "n", "p", "MDE", "verdict"]
     assert set(text[1]) <= {"-", " "} and len(text) == 4 and all(line == line.rstrip() for line in text)
     r = rows["A beats B"]
-    assert text[2].split()[3:] == ["+0.60", f"{r.mean_diff:+.2f}", f"[{r.ci_low:+.2f},", f"{r.ci_high:+.2f}]", "4",
-                                   f"{r.p_value:.3f}", f"{r.mde:.2f}", "reproduces"]
+    assert text[2].split()[3:] == ["+0.60", f"{r.mean_diff:+.2f}", f"[{r.ci_low:+.2f},", f"{r.ci_high:+.2f}]",
+                                   "4", f"{r.p_value:.3f}", f"{r.mde:.2f}", "reproduces"]
     assert text[3].split()[3] == "—" and text[3].endswith("not resolved at 3 seeds")
     md = verdict_table(list(rows.items()), style="markdown").splitlines()
     assert md[1] == "|---|---|---|---|---|---|---|" and md[3].startswith("| C beats B | — | ")
