@@ -1,4 +1,4 @@
-"""The softened softmax, the distillation losses every later chapter builds on, and four identities checked numerically.
+"""The softened softmax, the distillation losses every later chapter builds on, four identities checked numerically, and the paired-seed comparison behind every verdict.
 
 Docs: https://kdbook.github.io/kdbook/core.html.md"""
 
@@ -14,7 +14,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['softmax_t', 'log_softmax_t', 'check_temperature', 'check_choice', 'check_nonneg', 'check_finite', 'check_int',
            'soft_cross_entropy', 'kd_loss', 'upcast', 'kd_logit_grad', 'logit_matching_loss', 'multi_teacher_kd_loss',
-           'ce_kd_loss']
+           'ce_kd_loss', 'PairedComparison', 'mde_factor', 'paired_comparison', 'verdict_table']
 
 # %% ../nbs/00_core.ipynb #044979a5
 def softmax_t(logits: Tensor, # logits `[..., K]`
@@ -151,3 +151,135 @@ def ce_kd_loss(student_logits: Tensor, # student logits `[B, K]`
     "The usual mixture $(1-\\alpha)\\,\\mathcal{H}(p^1(z), y) + \\alpha\\,T^2\\,\\mathrm{KL}(p^T(v)\\|p^T(z))$ (Eq. 8), batch mean."
     if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     return (1 - alpha) * F.cross_entropy(student_logits, targets) + alpha * kd_loss(student_logits, teacher_logits, T)
+
+# %% ../nbs/00_core.ipynb #ev3a9866
+import numpy as np
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+@dataclass(frozen=True)
+class PairedComparison:
+    "Two methods over paired seeds: mean of `a − b`, its confidence interval, p, MDE and verdict."
+    n: int # number of paired seeds
+    mean_diff: float # mean over seeds of a − b
+    ci_low: float # lower end of the (1 − alpha) confidence interval of the mean difference (paired t)
+    ci_high: float # upper end of that interval
+    p_value: float # two-sided p of the paired t-test (no difference)
+    mde: float # minimum detectable effect: the true difference called "reproduces" with probability `power`
+    verdict: str # "reproduces", "contradicted" or "not resolved at n seeds"
+    claimed: float | None = None # the paper's margin (a − b), when it states one
+    direction: int = 1 # the sign of a − b that the paper claims
+    alpha: float = 0.05 # the interval is a (1 − alpha) one
+    power: float = 0.8 # the power the MDE is computed for
+
+@lru_cache(maxsize=None)
+def _t_quantile(q: float, df: int) -> float:
+    from scipy import stats
+    return float(stats.t.ppf(q, df))
+
+@lru_cache(maxsize=None)
+def mde_factor(n: int, # paired seeds, >= 2
+               alpha: float = 0.05, # the interval is (1 − alpha), two-sided
+               power: float = 0.8, # the probability of the verdict "reproduces" at the MDE
+              ) -> float: # k such that MDE = k · (standard deviation of the per-seed differences)
+    "The MDE of the paired t rule in units of the differences' sd, exact (noncentral t, Eq. 11)."
+    from scipy import optimize, stats
+    df, crit = n - 1, _t_quantile(1 - alpha / 2, n - 1)
+    reach = lambda nc: stats.nct.sf(crit, df, nc) - power   # P("reproduces") − power at noncentrality nc
+    hi = 2 * crit + 10
+    while reach(hi) < 0: hi *= 2
+    return float(optimize.brentq(reach, 0.0, hi, xtol=1e-12)) / math.sqrt(n)
+
+# %% ../nbs/00_core.ipynb #ev42728e
+def _check_runs(name: str, x) -> np.ndarray:
+    "One method's per-seed results as a float64 vector; anything else is refused, naming `name`."
+    try: arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers, one per seed, got {x!r}") from e
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must hold finite numbers only, got {arr.tolist()}")
+    return arr
+
+def _check_prob(name: str, value, low: float = 0.0) -> float:
+    "A number strictly between `low` and 1, else a ValueError naming `name`."
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < 1:
+        raise ValueError(f"{name} must be a number in ({low:g}, 1), got {value!r}")
+    return float(value)
+
+def _verdict(lo: float, hi: float, direction: int, n: int) -> str:
+    "The one rule: the interval excludes 0 on the claimed side, on the other side, or not at all."
+    if direction * lo > 0 and direction * hi > 0: return "reproduces"
+    if direction * lo < 0 and direction * hi < 0: return "contradicted"
+    return f"not resolved at {n} seeds"
+
+# %% ../nbs/00_core.ipynb #ev2662d5
+def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pairs with b's seed i
+                      b, # method B's result per seed, same seeds, same order
+                      claimed: float | None = None, # the paper's margin A − B, if it states one
+                      direction: int | None = None, # +1: paper claims A > B, -1: A < B (None: from claimed)
+                      alpha: float = 0.05, # the confidence interval is (1 − alpha), two-sided
+                      power: float = 0.8, # the power the minimum detectable effect is computed for
+                     ) -> PairedComparison:
+    "Paired t comparison of A and B over seeds (Eq. 10): mean A − B, interval, p, MDE (Eq. 11), verdict."
+    a, b = _check_runs("a", a), _check_runs("b", b)
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair one result per seed: len(a)={len(a)}, len(b)={len(b)}")
+    if len(a) < 2: raise ValueError(f"a and b need at least 2 paired seeds, got {len(a)}")
+    if claimed is not None and (isinstance(claimed, bool) or not isinstance(claimed, (int, float))
+                                or not math.isfinite(claimed)):
+        raise ValueError(f"claimed must be a finite number or None, got {claimed!r}")
+    sign = 1 if not claimed else int(math.copysign(1, claimed))
+    if direction is None: direction = sign
+    if isinstance(direction, bool) or direction not in (1, -1):
+        raise ValueError(f"direction must be +1 or -1, got {direction!r}")
+    if claimed and direction != sign:
+        raise ValueError(f"direction {direction:+d} contradicts claimed={claimed!r}")
+    alpha = _check_prob("alpha", alpha)
+    power = _check_prob("power", power, alpha / 2)
+    d = a - b
+    n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
+    if sd == 0:   # every seed moved by the same amount: t is infinite (or 0/0 when nothing moved)
+        lo = hi = mean
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        from scipy import stats
+        se = sd / math.sqrt(n)
+        half = _t_quantile(1 - alpha / 2, n - 1) * se
+        lo, hi, p = mean - half, mean + half, float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    mde = mde_factor(n, alpha, power) * sd
+    return PairedComparison(n, mean, lo, hi, p, mde, _verdict(lo, hi, direction, n),
+                            None if claimed is None else float(claimed), direction, alpha, power)
+
+# %% ../nbs/00_core.ipynb #evce562a
+def _fmt_p(p: float) -> str: return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+def verdict_table(rows, # {claim: PairedComparison} or [(claim, PairedComparison), ...]
+                  style: str = "text", # "text" (aligned columns) or "markdown" (a pipe table)
+                  digits: int = 2, # decimals of the differences and the MDE
+                 ) -> str:
+    "One row per claim: the paper's margin, ours with its interval, n, p, the MDE and the verdict."
+    items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
+    if not items: raise ValueError("rows must hold at least one (claim, PairedComparison) pair")
+    for row in items:
+        if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], str)
+                and isinstance(row[1], PairedComparison)):
+            raise ValueError(f"rows must pair a claim (str) with a PairedComparison, got {row!r}")
+    if len({r.alpha for _, r in items}) > 1:
+        raise ValueError("rows must share one alpha (one interval level per table)")
+    if style not in ("text", "markdown"):
+        raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
+    f = lambda x: f"{x:+.{digits}f}"
+    head = ["claim", "paper", f"ours ({100 * (1 - items[0][1].alpha):g}% CI)", "n", "p", "MDE", "verdict"]
+    body = [[c, "—" if r.claimed is None else f(r.claimed),
+             f"{f(r.mean_diff)} [{f(r.ci_low)}, {f(r.ci_high)}]",
+             str(r.n), _fmt_p(r.p_value), f"{r.mde:.{digits}f}", r.verdict] for c, r in items]
+    if style == "markdown":
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(row[j]) for row in [head] + body) for j in range(len(head))]
+    line = lambda row: "  ".join(x.ljust(w) if j in (0, 6) else x.rjust(w)
+                                 for j, (x, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in body])
