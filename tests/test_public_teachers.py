@@ -1,4 +1,4 @@
-"Public checkpoints (RepDistiller / mdistiller) converted into the zoo by name, against RepDistiller's own outputs."
+"Public checkpoints (RepDistiller, mdistiller) converted into the zoo by name, checked against RepDistiller."
 import json
 import math
 import os
@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdbook.models import (MODELS, PUBLIC_ARCHS, TeacherBank, create_model, from_public_checkpoint, infer_public_arch,
-                           load_public_state_dict, public_key_map)
+from kdbook.models import (MODELS, PUBLIC_ARCHS, TeacherBank, create_model, from_public_checkpoint,
+                           infer_public_arch, load_public_state_dict, public_key_map)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "public"
-FAMILIES = ("resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")   # the smallest of each family
+FAMILIES = ("resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")   # smallest per family
 LAYOUTS = json.loads((FIXTURES / "layouts.json").read_text())["layouts"]
 
 
 def read_fixture(arch: str):
-    "RepDistiller's state dict (float32), input, logits and feature maps of the first image, stored for `arch`."
+    "RepDistiller's state dict (float32), input, logits and feature maps (first image) stored for `arch`."
     with safe_open(FIXTURES / f"{arch}.safetensors", "pt") as f:
         meta, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     sd = {k.removeprefix("t."): v for k, v in stored.items() if k.startswith("t.")}
@@ -45,7 +45,8 @@ def refusal(call) -> str:
 
 def repdistiller_checkpoint(sd: dict, path: Path) -> Path:
     "`sd` saved as RepDistiller's train_teacher.py saves a teacher."
-    optimizer = {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 5e-5, "params": [0]}]}
+    optimizer = {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                 "param_groups": [{"lr": 5e-5, "params": [0]}]}
     torch.save({"epoch": 240, "model": sd, "best_acc": torch.tensor(71.5), "optimizer": optimizer}, path)
     return path
 
@@ -53,7 +54,8 @@ def repdistiller_checkpoint(sd: dict, path: Path) -> Path:
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_fixture_reproduces_repdistillers_logits_and_feats(arch, tmp_path):
     sd, x, logits, feats = read_fixture(arch)
-    model = from_public_checkpoint(repdistiller_checkpoint(sd, tmp_path / "ckpt_epoch_240.pth"), repdistiller_feats=True)
+    path = repdistiller_checkpoint(sd, tmp_path / "ckpt_epoch_240.pth")
+    model = from_public_checkpoint(path, repdistiller_feats=True)
     assert type(model) is type(create_model(arch, 10)) and not model.training
     with torch.no_grad(): out = model(x)
     assert out.logits.dtype == torch.float32 and rel_err(out.logits, logits) < 1e-5
@@ -70,11 +72,12 @@ def test_arch_inferred_from_keys_and_shapes(arch):
 
 
 def test_wrn_feats_option_and_default():
-    "Default: feats[3] is relu(bn1(f3)), computed here with F.batch_norm from the file's own bn1; the option gives f3."
+    "Default: feats[3] is relu(bn1(f3)), from F.batch_norm and the file's bn1; the option gives f3."
     sd, x, logits, feats = read_fixture("wrn_16_1")
     plain, split = from_public_checkpoint(sd), from_public_checkpoint(sd, repdistiller_feats=True)
     with torch.no_grad(): a, b = plain(x), split(x)
-    head = F.relu(F.batch_norm(feats[3], sd["bn1.running_mean"], sd["bn1.running_var"], sd["bn1.weight"], sd["bn1.bias"]))
+    bn1 = [sd[f"bn1.{t}"] for t in ("running_mean", "running_var", "weight", "bias")]
+    head = F.relu(F.batch_norm(feats[3], *bn1))
     assert len(a.feats) == 4 and len(b.feats) == 5
     assert rel_err(a.feats[3][:1], head) < 1e-5 and rel_err(b.feats[4][:1], head) < 1e-5
     assert rel_err(b.feats[3][:1], feats[3]) < 1e-5 and rel_err(a.feats[3][:1], feats[3]) > 0.1
@@ -83,7 +86,7 @@ def test_wrn_feats_option_and_default():
 
 @pytest.mark.parametrize("arch", PUBLIC_ARCHS)
 def test_map_matches_repdistillers_layout_and_order(arch):
-    "RepDistiller's keys and shapes (listed from its code); by name equals by order; one-to-one onto the zoo's keys."
+    "RepDistiller's keys and shapes (from its code); by name is by order; one-to-one onto the zoo's keys."
     with torch.device("meta"): model = create_model(arch, 100)
     key_map, ours = public_key_map(model), model.state_dict()
     assert [[k, list(ours[v].shape)] for k, v in key_map.items()] == LAYOUTS[arch]
@@ -92,7 +95,7 @@ def test_map_matches_repdistillers_layout_and_order(arch):
 
 @pytest.mark.parametrize("arch", PUBLIC_ARCHS)
 def test_random_state_dict_in_repdistiller_layout_loads_by_name(arch):
-    "A state dict with RepDistiller's keys and shapes and distinct values: each tensor lands where its name says."
+    "A state dict in RepDistiller's layout with distinct values: each tensor lands where its name says."
     g = torch.Generator().manual_seed(0)
     sd = {k: (torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(shape, generator=g))
           for k, shape in LAYOUTS[arch]}
@@ -116,7 +119,8 @@ def test_wrong_files_get_one_line_naming_the_mismatch():
     shape = {**sd, "layer1.0.conv2.weight": sd["layer1.0.conv2.weight"][:, :8]}
     assert refusal(lambda: from_public_checkpoint(shape, "resnet8")).endswith(
         "'layer1.0.conv2.weight' has shape (16, 8, 3, 3), resnet8 has (16, 16, 3, 3)")
-    assert refusal(lambda: from_public_checkpoint(sd, "resnet14")).endswith("missing key 'layer1.1.conv1.weight'")
+    assert refusal(lambda: from_public_checkpoint(sd, "resnet14")).endswith(
+        "missing key 'layer1.1.conv1.weight'")
     assert refusal(lambda: from_public_checkpoint(sd, "resnet8x4")).endswith(
         "'conv1.weight' has shape (16, 3, 3, 3), resnet8x4 has (32, 3, 3, 3)")
     assert refusal(lambda: from_public_checkpoint(read_fixture("wrn_16_1")[0], "resnet8")).endswith(
@@ -129,10 +133,12 @@ def test_wrong_files_get_one_line_naming_the_mismatch():
         "nearest resnet8: 'fc.bias' has shape (100,), resnet8 has (10,)")
     assert refusal(lambda: from_public_checkpoint({**sd, "fc.bias": [0.0] * 10}, "resnet8")).endswith(
         "'fc.bias' is a list, not a tensor")
-    assert refusal(lambda: from_public_checkpoint({**sd, "fc.bias": torch.zeros(10, dtype=torch.int64)}, "resnet8")
-                   ).endswith("'fc.bias' has dtype torch.int64, resnet8 needs a floating-point tensor")
+    ints = {**sd, "fc.bias": torch.zeros(10, dtype=torch.int64)}
+    assert refusal(lambda: from_public_checkpoint(ints, "resnet8")).endswith(
+        "'fc.bias' has dtype torch.int64, resnet8 needs a floating-point tensor")
     assert refusal(lambda: from_public_checkpoint({"a": torch.zeros(1)})).startswith(
-        "the state dict is not a repdistiller checkpoint: it matches none of the 19 public architectures; nearest ")
+        "the state dict is not a repdistiller checkpoint: "
+        "it matches none of the 19 public architectures; nearest ")
 
 
 def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
@@ -153,10 +159,11 @@ def test_file_formats_safetensors_bare_dict_dataparallel_and_old_bn(tmp_path):
     save_file(sd, tmp_path / "t.safetensors")
     torch.save(sd, tmp_path / "bare.pth")
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "dp.pth")
-    old_bn = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}   # files from PyTorch < 0.4.1
+    old_bn = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}   # PyTorch < 0.4.1 files
     half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     for src in (tmp_path / "t.safetensors", str(tmp_path / "bare.pth"), tmp_path / "dp.pth", old_bn):
-        with torch.no_grad(): assert rel_err(from_public_checkpoint(src, "ShuffleV2")(x).logits, logits) < 1e-5
+        with torch.no_grad(): out = from_public_checkpoint(src, "ShuffleV2")(x)
+        assert rel_err(out.logits, logits) < 1e-5
     model = from_public_checkpoint(half, source="mdistiller")
     assert next(model.parameters()).dtype == torch.float32
     assert set(load_public_state_dict(tmp_path / "dp.pth")) == set(sd)
@@ -164,8 +171,8 @@ def test_file_formats_safetensors_bare_dict_dataparallel_and_old_bn(tmp_path):
 
 def test_bad_arguments():
     sd = read_fixture("resnet8")[0]
-    with pytest.raises(ValueError, match="source must be one of 'repdistiller', 'mdistiller', got 'torchdistill'"):
-        from_public_checkpoint(sd, source="torchdistill")
+    with pytest.raises(ValueError, match="source must be one of 'repdistiller', 'mdistiller', got 'other'"):
+        from_public_checkpoint(sd, source="other")
     with pytest.raises(ValueError, match="arch must be one of 'resnet8', .* got 'mlp'"):
         from_public_checkpoint(sd, arch="mlp")
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
@@ -185,7 +192,7 @@ def test_converted_teachers_join_a_teacher_bank():
 
 
 def test_public_archs_are_zoo_models_with_repdistillers_parameter_counts():
-    "Every public architecture is in the zoo; each layout's parameter count is RepDistiller's (at 100 classes)."
+    "Every public architecture is in the zoo; each layout's parameter count equals the zoo model's."
     assert set(PUBLIC_ARCHS) <= set(MODELS)
     for arch in PUBLIC_ARCHS:
         with torch.device("meta"): model = create_model(arch, 100)
