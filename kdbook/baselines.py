@@ -12,13 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import check_nonneg, check_temperature, multi_teacher_kd_loss, upcast
+from .core import check_choice, check_nonneg, check_temperature, multi_teacher_kd_loss, upcast
 from .models import ModelOut
 from .learner import Method, register_method
 
 # %% auto #0
-__all__ = ['MultiTeacherKD', 'AVER', 'check_teacher_index', 'KD', 'entropy_weights', 'EBKD', 'confidence_weights',
-           'label_cross_entropy', 'FeatureRegressor', 'build_regressors', 'CAMKD', 'FitNetMKD', 'pinned_batch']
+__all__ = ['REGRESSORS', 'MultiTeacherKD', 'AVER', 'check_teacher_index', 'KD', 'entropy_weights', 'EBKD', 'confidence_weights',
+           'label_cross_entropy', 'FeatureRegressor', 'RepDistillerRegressor', 'build_regressors', 'CAMKD', 'FitNetMKD',
+           'pinned_batch']
 
 # %% ../nbs/04_baselines.ipynb #c98ab7ab
 class MultiTeacherKD(Method):
@@ -136,25 +137,48 @@ class FeatureRegressor(nn.Module):
                  else F.interpolate(f, size=self.size, mode="bilinear", align_corners=False))
         return self.proj(f)
 
+# %% ../nbs/04_baselines.ipynb #6b3e5196
+REGRESSORS = ("kdbook", "repdistiller")
+
+class RepDistillerRegressor(nn.Module):
+    "RepDistiller's FitNet regressor: a strided, transposed or unpadded conv to the teacher's size; BN; ReLU."
+    def __init__(self, c_in: int, c_out: int, size_in: tuple, size_out: tuple):
+        super().__init__()
+        (h, w), (ht, wt) = tuple(size_in), tuple(size_out)
+        if (h, w) == (2 * ht, 2 * wt): conv = nn.Conv2d(c_in, c_out, 3, 2, 1)
+        elif (2 * h, 2 * w) == (ht, wt): conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
+        elif h >= ht and w >= wt: conv = nn.Conv2d(c_in, c_out, (1 + h - ht, 1 + w - wt))
+        else: raise ValueError(f"size_in {(h, w)} and size_out {(ht, wt)}: RepDistiller's regressor needs "
+                               "the student's map at least as large as the teacher's, or half its size")
+        self.proj = nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+    def forward(self, f: Tensor) -> Tensor: return self.proj(f)
+
 # %% ../nbs/04_baselines.ipynb #f056777c
-def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1) -> nn.ModuleList:
-    "One `FeatureRegressor` per teacher, from the student's feature map `layer` to that teacher's, sized on `batch`."
+def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1,
+                     regressor: str = "kdbook", # "kdbook" (`FeatureRegressor`) or "repdistiller"
+                    ) -> nn.ModuleList:
+    "One regressor per teacher, from the student's feature map `layer` to that teacher's, sized on `batch`."
+    check_choice("regressor", regressor, REGRESSORS)
     x = batch[0]
     fs = student(x).feats[layer]
-    return nn.ModuleList(FeatureRegressor(fs.shape[1], ft[layer].shape[1], ft[layer].shape[-2:])
-                         for ft in bank(x, feats=True).feats)
+    def make(ft: Tensor) -> nn.Module:
+        if regressor == "kdbook": return FeatureRegressor(fs.shape[1], ft.shape[1], ft.shape[-2:])
+        return RepDistillerRegressor(fs.shape[1], ft.shape[1], fs.shape[-2:], ft.shape[-2:])
+    return nn.ModuleList(make(ft[layer]) for ft in bank(x, feats=True).feats)
 
 # %% ../nbs/04_baselines.ipynb #711b708b
 class _FeatureMethod(MultiTeacherKD):
     "A multi-teacher method with one regressor per teacher on the student's feature map `layer`."
     teacher_feats = True
-    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=50.0, layer: int = -1):
+    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=50.0, layer: int = -1, regressor: str = "kdbook"):
         super().__init__(T, gamma, alpha, beta)
         self.layer = layer
+        self.regressor = check_choice("regressor", regressor, REGRESSORS)
         self.regressors = nn.ModuleList()
 
     def setup(self, student, bank, batch):
-        self.regressors = build_regressors(student, bank, batch, self.layer)
+        self.regressors = build_regressors(student, bank, batch, self.layer, self.regressor)
         self.heads = [tm.head for tm in bank.teachers]   # plain list: the teachers are not this method's modules
 
     def regressed(self, s, t):
@@ -183,8 +207,8 @@ class FitNetMKD(_FeatureMethod):
     name = "fitnet"
     paper = "Romero et al., ICLR 2015 (FitNets hints), averaged over teachers"
     chapter = "baselines"
-    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1):
-        super().__init__(T, gamma, alpha, beta, layer)
+    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1, regressor: str = "kdbook"):
+        super().__init__(T, gamma, alpha, beta, layer, regressor)
     def feature_loss(self, s, t, y):
         rs, fts = self.regressed(s, t)
         return torch.stack([F.mse_loss(r, ft) for r, ft in zip(rs, fts)]).mean()

@@ -6,22 +6,28 @@ Docs: https://kdbook.github.io/kdbook/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #302a0d1a
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import copy, numbers
+import copy, functools, numbers, os, pickle, re
+from collections.abc import Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
+from .core import check_choice
 from .data import median_times
 
 # %% auto #0
-__all__ = ['MODELS', 'ModelOut', 'global_pool', 'ZooModel', 'init_weights', 'conv_bn', 'conv_bn_relu', 'BasicBlock', 'ResNet',
-           'PreActBlock', 'WideResNet', 'VGG', 'InvertedResidual', 'MobileNetV2', 'channel_shuffle', 'ShuffleV1Block',
-           'ShuffleNetV1', 'ShuffleV2Block', 'ShuffleV2Down', 'ShuffleNetV2', 'MLP', 'SmallCNN', 'create_model',
-           'count_params', 'fold_conv_bn', 'fold_batchnorm', 'randomize_bn', 'TeacherOut', 'TeacherBank',
-           'bench_teacher_bank']
+__all__ = ['MODELS', 'REPDISTILLER_CIFAR100_MEAN', 'REPDISTILLER_CIFAR100_STD', 'PUBLIC_SOURCES', 'PUBLIC_ARCHS', 'ModelOut',
+           'global_pool', 'ZooModel', 'init_weights', 'conv_bn', 'conv_bn_relu', 'BasicBlock', 'ResNet', 'PreActBlock',
+           'WideResNet', 'VGG', 'InvertedResidual', 'MobileNetV2', 'channel_shuffle', 'ShuffleV1Block', 'ShuffleNetV1',
+           'ShuffleV2Block', 'ShuffleV2Down', 'ShuffleNetV2', 'MLP', 'SmallCNN', 'create_model', 'count_params',
+           'fold_conv_bn', 'fold_batchnorm', 'randomize_bn', 'TeacherOut', 'TeacherBank', 'bench_teacher_bank',
+           'public_key_map', 'load_public_state_dict', 'infer_public_arch', 'from_public_checkpoint']
 
 # %% ../nbs/02_models.ipynb #e0335bc0
 class ModelOut(NamedTuple):
@@ -118,14 +124,17 @@ class PreActBlock(nn.Module):
 
 class WideResNet(ZooModel):
     "WRN-depth-k (RepDistiller `wrn.py`, no dropout); feats: stem, block 1, 2, relu(bn(block 3))."
-    def __init__(self, num_classes: int = 100, in_channels: int = 3, depth: int = 16, widen: int = 1):
+    def __init__(self, num_classes: int = 100, in_channels: int = 3, depth: int = 16, widen: int = 1,
+                 split_head: bool = False): # final BN + ReLU as a 5th stage (feats[3]: RepDistiller's f3)
         super().__init__()
         if depth < 10 or (depth - 4) % 6: raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {depth!r}")
         n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
         stages = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
         for c_in, c_out, stride in zip(widths[:3], widths[1:], (1, 2, 2)):
             stages.append(nn.Sequential(*[PreActBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)]))
-        stages[-1].extend([nn.BatchNorm2d(widths[3]), nn.ReLU()])
+        head = [nn.BatchNorm2d(widths[3]), nn.ReLU()]
+        if split_head: stages.append(nn.Sequential(*head))
+        else: stages[-1].extend(head)
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(widths[3], num_classes)
         self.apply(init_weights)
@@ -420,3 +429,191 @@ def bench_teacher_bank(teachers: Sequence[nn.Module], # unfolded teachers
         with torch.no_grad(): return [t(x) for t in plain]
     loop_s, bank_s = median_times([loop, lambda: bank(x)], _check_positive_int("n_iter", n_iter), warmup=3, device=x.device)
     return {"loop_s": loop_s, "bank_s": bank_s, "ratio": loop_s / bank_s, "n_teachers": len(plain), "batch": tuple(x.shape)}
+
+# %% ../nbs/02_models.ipynb #1706df67
+REPDISTILLER_CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)   # RepDistiller's dataset/cifar100.py (train and test)
+REPDISTILLER_CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+PUBLIC_SOURCES = ("repdistiller", "mdistiller")   # mdistiller's CIFAR models: RepDistiller's names and shapes
+PUBLIC_ARCHS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11",
+                "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+# %% ../nbs/02_models.ipynb #a37ce9c6
+def _conv_bn(unit: nn.Sequential) -> nn.Sequential:
+    "The `Sequential(conv, bn)` of a `conv_bn` or `conv_bn_relu` unit."
+    return unit[0] if isinstance(unit[0], nn.Sequential) else unit
+
+def _numbered(prefix: str, units, start: int = 1) -> Iterator[tuple[str, nn.Module]]:
+    "RepDistiller's `conv1, bn1, conv2, bn2, ...` (from `conv{start}`) for a list of conv-BN units."
+    for k, unit in enumerate(units, start):
+        conv, bn = _conv_bn(unit)
+        yield f"{prefix}conv{k}", conv
+        yield f"{prefix}bn{k}", bn
+
+def _indexed(prefix: str, units) -> Iterator[tuple[str, nn.Module]]:
+    "Positions `0, 1, 3, 4, 6, 7, ...` of an `nn.Sequential` holding conv, BN and ReLU per unit."
+    for k, unit in enumerate(units):
+        conv, bn = _conv_bn(unit)
+        yield f"{prefix}{3 * k}", conv
+        yield f"{prefix}{3 * k + 1}", bn
+
+# %% ../nbs/02_models.ipynb #5ab01052
+def _resnet_names(m: ResNet):
+    yield from _numbered("", [m.stages[0]])
+    for s, stage in enumerate(m.stages[1:], 1):
+        for b, block in enumerate(stage):
+            yield from _numbered(f"layer{s}.{b}.", [block.conv1, block.conv2])
+            if isinstance(block.shortcut, nn.Sequential):
+                yield from zip((f"layer{s}.{b}.downsample.0", f"layer{s}.{b}.downsample.1"), block.shortcut)
+    yield "fc", m.classifier
+
+def _wrn_names(m: WideResNet):
+    yield "conv1", m.stages[0]
+    for s, stage in enumerate(m.stages[1:4], 1):
+        for b, block in enumerate(u for u in stage if isinstance(u, PreActBlock)):
+            p = f"block{s}.layer.{b}."
+            yield from ((p + "bn1", block.preact[0]), (p + "conv1", block.conv1[0][0]),
+                        (p + "bn2", block.conv1[0][1]), (p + "conv2", block.conv2))
+            if block.shortcut is not None: yield p + "convShortcut", block.shortcut
+    yield "bn1", [u for u in m.stages[-1] if isinstance(u, nn.BatchNorm2d)][-1]   # split or not
+    yield "fc", m.classifier
+
+def _vgg_names(m: VGG):
+    for s, stage in enumerate(m.stages):
+        yield from _indexed(f"block{s}.", [u for u in stage if isinstance(u, nn.Sequential)])
+    yield "classifier", m.classifier
+
+# %% ../nbs/02_models.ipynb #b8c67036
+def _mobilenetv2_names(m: MobileNetV2):
+    yield from _indexed("conv1.", [m.stages[0]])
+    for i, blocks in enumerate(group for stage in m.stages[1:5] for group in stage):
+        for j, block in enumerate(blocks):
+            yield from _indexed(f"blocks.{i}.{j}.conv.", block.conv)
+    yield from _indexed("conv2.", [m.stages[5]])
+    yield "classifier.0", m.classifier
+
+def _shufflev1_names(m: ShuffleNetV1):
+    yield from _numbered("", [m.stages[0]])
+    for s, stage in enumerate(m.stages[1:], 1):
+        for b, block in enumerate(stage):
+            yield from _numbered(f"layer{s}.{b}.", [block.conv1, *block.conv2])
+    yield "linear", m.classifier
+
+def _shufflev2_names(m: ShuffleNetV2):
+    yield from _numbered("", [m.stages[0]])
+    for s, stage in enumerate(m.stages[1:4], 1):
+        down, *blocks = stage
+        yield from _numbered(f"layer{s}.0.", [*down.left, *down.right])
+        for b, block in enumerate(blocks, 1):
+            yield from _numbered(f"layer{s}.{b}.", block.branch)
+    yield from _numbered("", [m.stages[4]], start=2)
+    yield "linear", m.classifier
+
+_PUBLIC_NAMES = {ResNet: _resnet_names, WideResNet: _wrn_names, VGG: _vgg_names,
+                 MobileNetV2: _mobilenetv2_names, ShuffleNetV1: _shufflev1_names,
+                 ShuffleNetV2: _shufflev2_names}
+
+def public_key_map(model: nn.Module) -> dict[str, str]:
+    "RepDistiller's state-dict key -> `model`'s, for each tensor of a zoo model in `PUBLIC_ARCHS`."
+    if type(model) not in _PUBLIC_NAMES:
+        allowed = ", ".join(c.__name__ for c in _PUBLIC_NAMES)
+        raise TypeError(f"model must be one of {allowed}, got {type(model).__name__}")
+    ours = {id(module): name for name, module in model.named_modules()}
+    key_map = {}
+    for theirs, module in _PUBLIC_NAMES[type(model)](model):
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        key_map.update({f"{theirs}.{t}": f"{ours[id(module)]}.{t}" for t, _ in tensors})
+    return key_map
+
+# %% ../nbs/02_models.ipynb #1c98ab24
+def load_public_state_dict(path_or_state_dict) -> dict[str, Tensor]:
+    "The tensors of a RepDistiller checkpoint `{'epoch', 'model', ...}`, a state dict or a safetensors file."
+    src = path_or_state_dict
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            if path.suffix == ".safetensors": sd = load_safetensors(path)
+            else: sd = torch.load(path, "cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found is None: raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
+            raise ValueError(f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
+                             "(checkpoints are read with torch.load(weights_only=True) only)") from None
+        except (SafetensorError, RuntimeError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    elif isinstance(src, Mapping): sd = src
+    else: raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping): sd = sd["model"]
+    if not isinstance(sd, Mapping): raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):   # saved from nn.DataParallel
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return dict(sd)
+
+# %% ../nbs/02_models.ipynb #15e8263c
+@functools.cache
+def _public_layout(arch: str) -> tuple[dict[str, tuple], tuple[str, str]]:
+    "`arch`'s shapes under RepDistiller's keys (at one class), and its classifier's weight and bias keys."
+    with torch.device("meta"): model = create_model(arch, 1)
+    sd, key_map = model.state_dict(), public_key_map(model)
+    inverse = {ours: theirs for theirs, ours in key_map.items()}
+    return ({theirs: tuple(sd[ours].shape) for theirs, ours in key_map.items()},
+            (inverse["classifier.weight"], inverse["classifier.bias"]))
+
+def _first_mismatch(sd: Mapping, arch: str, num_classes: int | None = None) -> str | None:
+    "What first keeps `sd` from being a state dict of `arch`, as a phrase; None if nothing does."
+    shapes, classifier = _public_layout(arch)
+    if num_classes is None:
+        w = sd.get(classifier[0])
+        num_classes = w.shape[0] if isinstance(w, Tensor) and w.ndim == 2 else 1
+    for key, shape in shapes.items():
+        if key in classifier: shape = (num_classes, *shape[1:])
+        value = sd.get(key)
+        if value is None:
+            if key.endswith(".num_batches_tracked"): continue
+            return f"missing key {key!r}"
+        if not isinstance(value, Tensor): return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if tuple(value.shape) != shape: return f"{key!r} has shape {tuple(value.shape)}, {arch} has {shape}"
+        if not (value.is_floating_point() or key.endswith(".num_batches_tracked")):
+            return f"{key!r} has dtype {value.dtype}, {arch} needs a floating-point tensor"
+    extra = next((k for k in sd if k not in shapes), None)
+    return None if extra is None else f"unexpected key {extra!r}"
+
+def infer_public_arch(state_dict: Mapping, # RepDistiller-named tensors
+                      num_classes: int | None = None, # None: any number of classes
+                     ) -> str:
+    "The public architecture whose keys and shapes `state_dict` has; else a ValueError naming the nearest."
+    mismatch = {arch: _first_mismatch(state_dict, arch, num_classes) for arch in PUBLIC_ARCHS}
+    match = [arch for arch, m in mismatch.items() if m is None]
+    if match: return match[0]
+    def closeness(arch):
+        shapes = _public_layout(arch)[0]
+        common = [k for k in state_dict if k in shapes]
+        return len(common), sum(tuple(getattr(state_dict[k], "shape", ())) == shapes[k] for k in common)
+    nearest = max(PUBLIC_ARCHS, key=closeness)
+    raise ValueError(f"matches none of the {len(PUBLIC_ARCHS)} public architectures; "
+                     f"nearest {nearest}: {mismatch[nearest]}")
+
+# %% ../nbs/02_models.ipynb #44b2c83c
+def from_public_checkpoint(path_or_state_dict, # a file (torch.save or .safetensors) or a state dict
+                           arch: str | None = None, # a name in `PUBLIC_ARCHS`; None: from keys and shapes
+                           source: str = "repdistiller", # "repdistiller" or "mdistiller" (the same names)
+                           num_classes: int | None = None, # None: the classifier's rows in the file
+                           repdistiller_feats: bool = False, # WRN: feats[3] before the final BN + ReLU (f3)
+                          ) -> ZooModel:
+    "A zoo model in eval mode holding a RepDistiller / mdistiller checkpoint's tensors, mapped by name."
+    check_choice("source", source, PUBLIC_SOURCES)
+    if arch is not None: check_choice("arch", arch, PUBLIC_ARCHS)
+    if num_classes is not None: _check_positive_int("num_classes", num_classes)
+    what = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the state dict"
+    sd = load_public_state_dict(path_or_state_dict)
+    if arch is None:
+        try: arch = infer_public_arch(sd, num_classes)
+        except ValueError as e: raise ValueError(f"{what} is not a {source} checkpoint: it {e}") from None
+    elif (mismatch := _first_mismatch(sd, arch, num_classes)) is not None:
+        raise ValueError(f"{what} is not a {source} {arch} checkpoint: {mismatch}")
+    options = {"split_head": True} if repdistiller_feats and arch.startswith("wrn") else {}
+    model = MODELS[arch](sd[_public_layout(arch)[1][0]].shape[0], 3, **options)
+    state = model.state_dict()
+    state.update({ours: sd[theirs] for theirs, ours in public_key_map(model).items() if theirs in sd})
+    model.load_state_dict(state)
+    return model.eval()

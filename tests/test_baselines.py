@@ -115,3 +115,54 @@ def test_reduce_to_aver_with_identical_teachers():
 def test_bad_hyper_parameters(kwargs, msg):
     for cls in (AVER, EBKD, CAMKD, FitNetMKD):
         with pytest.raises(ValueError, match=msg.replace("(", r"\(")): cls(**kwargs)
+
+# RepDistiller's FitNet regressor, offered as an option of the feature methods
+from kdbook.baselines import REGRESSORS, RepDistillerRegressor
+
+def test_repdistiller_regressor_counts_for_resnet32x4_to_shufflev1_at_layer_2():
+    "Closed forms: 4x4 transposed conv 480->128 (+bias) vs 1x1 conv (+bias), each with BN's 2x128."
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    bank, student = TeacherBank([create_model("resnet32x4", 100)]), create_model("ShuffleV1", 100)
+    counts = {}
+    for kind in REGRESSORS:
+        (reg,) = build_regressors(student, bank, (x, None, None), 2, kind)
+        counts[kind] = sum(p.numel() for p in reg.parameters())
+        assert reg(student(x).feats[2]).shape == (2, 128, 16, 16)
+    assert counts == {"repdistiller": 480 * 128 * 16 + 128 + 2 * 128, "kdbook": 480 * 128 + 128 + 2 * 128}
+    assert counts == {"repdistiller": 983_424, "kdbook": 61_824}
+
+@pytest.mark.parametrize("size_in, size_out, conv, kernel, stride", [
+    ((8, 8), (4, 4), nn.Conv2d, (3, 3), (2, 2)), ((4, 4), (8, 8), nn.ConvTranspose2d, (4, 4), (2, 2)),
+    ((7, 6), (4, 4), nn.Conv2d, (4, 3), (1, 1)), ((4, 4), (4, 4), nn.Conv2d, (1, 1), (1, 1)),
+    ((2, 2), (1, 1), nn.Conv2d, (3, 3), (2, 2))])
+def test_repdistiller_regressor_rule(size_in, size_out, conv, kernel, stride):
+    r = RepDistillerRegressor(6, 5, size_in, size_out)
+    first, bn, relu = r.proj
+    assert type(first) is conv and first.kernel_size == kernel and first.stride == stride
+    assert first.bias is not None
+    assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+    out = r(torch.randn(3, 6, *size_in))
+    assert out.shape == (3, 5, *size_out) and (out >= 0).all()
+
+def test_repdistiller_regressor_refuses_a_smaller_student_map():
+    with pytest.raises(ValueError, match=r"size_in \(2, 2\) and size_out \(8, 8\): RepDistiller's"):
+        RepDistillerRegressor(3, 5, (2, 2), (8, 8))
+
+@pytest.mark.parametrize("cls", [FitNetMKD, CAMKD])
+def test_feature_methods_take_the_regressor_option(cls):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    bank = TeacherBank([create_model("cnn_small", 10, 1), create_model("mlp", 10, 1)])   # last maps 2x2, 1x1
+    student = create_model("cnn_small", 10, 1)
+    m = cls(regressor="repdistiller")
+    assert m.hparams()["regressor"] == "repdistiller" and cls().hparams()["regressor"] == "kdbook"
+    m.setup(student, bank, (x, y, None))
+    assert all(isinstance(r, RepDistillerRegressor) for r in m.regressors)
+    assert [type(r.proj[0]) for r in m.regressors] == [nn.Conv2d, nn.Conv2d]
+    assert [r.proj[0].stride for r in m.regressors] == [(1, 1), (2, 2)]   # same size; twice the teacher's
+    out = m.loss((x, y, None), student(x), bank(x, feats=True))
+    out["loss"].backward()
+    assert out["feat"] > 0 and all(p.grad is not None for p in m.regressors.parameters())
+    with pytest.raises(ValueError, match="regressor must be one of 'kdbook', 'repdistiller', got 'other'"):
+        cls(regressor="other")
