@@ -17,7 +17,7 @@ from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
 from .models import MODELS
 from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
 from .learner import TrainConfig, atomic_write_text, check_method_param, registered_methods, resolve_device
-from .study import method_factories, run_study, train_teachers
+from .study import NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers, with_normalization
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
 from .mec import memory_data
@@ -132,6 +132,13 @@ def _run_parser(sub) -> None:
                                   ("--batch-size", _positive_int, "batch size", d.batch_size),
                                   ("--lr", _positive_float, "peak learning rate", d.lr)):
         r.add_argument(flag, type=kind, help=f"{what} (default: the preset's; digits: {val})")
+    r.add_argument("--teacher-weights", type=lambda v: [p.strip() for p in v.split(",") if p.strip()], metavar="FILES",
+                   help="comma-separated public checkpoint files (RepDistiller / mdistiller CIFAR teachers, chapter 02) to "
+                        "distil from instead of training teachers; --teachers, if given, names each file's architecture "
+                        "(else read from the file); the teachers' test accuracy is measured and printed first")
+    r.add_argument("--normalization", choices=NORMALIZATIONS,
+                   help="the input statistics: the dataset's, or RepDistiller's CIFAR-100 ones, which its teachers were "
+                        "trained with (default: repdistiller with --teacher-weights on cifar100, else dataset)")
     r.add_argument("--recipe", choices=RECIPES, help="a published schedule over the preset: "
                    + "; ".join(f"{k} ({v.source})" for k, v in RECIPES.items()))
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -174,7 +181,7 @@ def _output_folder(out) -> Path:
     except OSError as e: raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
     return out
 
-def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "key", "test_top1", "cached")}
+def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "key", "test_top1", "cached", "weights") if k in t.info}
 
 # %% ../nbs/90_cli.ipynb #931de473
 def _check_methods(methods, settings, experts, memory, n_teachers: int) -> tuple:
@@ -215,14 +222,25 @@ def _load_everywhere(data: str):
     barrier()
     return ds if current().is_main else load_dataset(data)
 
-def _teachers_and_data(ds, teachers, experts, memory, tcfg, log) -> tuple:
+def _check_teacher_weights(teachers, weights, experts, pre: Preset) -> list:
+    "The teachers' architectures: the flag's, the preset's, or, with checkpoint files, one per file (None: from the file)."
+    if not weights: return list(teachers or pre.teachers)
+    if experts: raise ValueError("--teacher-weights loads teachers over all the classes; it does not combine with --experts")
+    missing = [w for w in weights if not Path(w).is_file()]
+    if missing: raise ValueError(f"--teacher-weights: no such file: {', '.join(missing)}")
+    if teachers and len(teachers) != len(weights):
+        raise ValueError(f"--teacher-weights gives {len(weights)} file(s) but --teachers names {len(teachers)}: one per file")
+    return list(teachers) if teachers else [None] * len(weights)
+
+def _teachers_and_data(ds, teachers, experts, memory, tcfg, log, weights=None) -> tuple:
     "Train or load the teachers (experts over class groups with `experts`); the training data (the exemplar memory with `memory`)."
     am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
     if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):
         raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {ds.name}")
     log(f"data: {ds.name} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
     t0 = time.perf_counter()
-    if am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="console")
+    if weights: tnets = load_teachers(weights, ds, archs=teachers, device=resolve_device(tcfg.device))
+    elif am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="console")
     else: tnets = am.train_experts(teachers, cfg=tcfg, progress="console", verbose=True)
     info = [_teacher_info(t) for t in tnets]
     for i, t in zip(info, am.tasks if am else []): i["classes"] = t.tolist()
@@ -238,23 +256,27 @@ def _teachers_and_data(ds, teachers, experts, memory, tcfg, log) -> tuple:
 # %% ../nbs/90_cli.ipynb #909b6b2c
 def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
-                 fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print) -> dict:
+                 fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print,
+                 teacher_weights=None, normalization=None) -> dict:
     "`kdbook run`: the preset (flags override), every input checked, teachers trained or loaded, then `run_study`."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre = PRESETS[data]
-    teachers, student = list(teachers or pre.teachers), student or pre.student
+    teachers, student = _check_teacher_weights(teachers, teacher_weights, experts, pre), student or pre.student
     methods, kwargs = _check_methods(methods, settings, experts, memory, len(teachers))
-    for a in teachers + [student]:
+    for a in [t for t in teachers if t is not None] + [student]:
         if a not in MODELS: raise ValueError(f"unknown model {a!r}; valid: {', '.join(MODELS)}")
+    normalization = normalization or ("repdistiller" if teacher_weights and data == "cifar100" else "dataset")
     scfg, tcfg = _train_configs(pre, recipe, student, epochs, teacher_epochs, batch_size, lr, device, experts)
     dev, out = resolve_device(scfg.device), _output_folder(out)
     threads, saved = threads or pre.threads, torch.get_num_threads()
     if threads and dev.type == "cpu": torch.set_num_threads(threads)
     try:
-        am, tnets, info, train_ds = _teachers_and_data(_load_everywhere(data), teachers, experts, memory, tcfg, log)
+        ds = with_normalization(_load_everywhere(data), normalization)
+        am, tnets, info, train_ds = _teachers_and_data(ds, teachers, experts, memory, tcfg, log, teacher_weights)
         res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
                         out=out, fresh=fresh, on_error="record", log=log, tasks=am.tasks if am else None,
-                        extra={"teachers": info, "teacher_cfg": tcfg.to_dict()})
+                        extra={"teachers": info, "teacher_cfg": None if teacher_weights else tcfg.to_dict(),
+                               "normalization": normalization})
     finally: torch.set_num_threads(saved)
     reused = sum(r.get("reused", False) for r in res.runs.values())
     if reused: log(f"reused {reused} finished runs with the same settings from {out / 'results.json'}")
@@ -303,7 +325,8 @@ def write_report(result: dict, path) -> Path:
     figs = report_figures(result)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%") for i, f in enumerate(figs)]
     cfg, esc = result["config"], html.escape
-    teachers = "".join(f"<li>{esc(t['arch'])} (seed {t['seed']}): {t['test_top1']:.2f}%</li>" for t in result["teachers"])
+    teachers = "".join(f"<li>{esc(t['arch'])} ({esc(t['weights']) if t.get('weights') else 'seed ' + str(t['seed'])}): "
+                       f"{t['test_top1']:.2f}%</li>" for t in result["teachers"])
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>kdbook run: {esc(cfg['data'])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}pre{{background:#f6f8fa;padding:1em}}</style>
 </head><body><h1>kdbook run: {esc(cfg['data'])}</h1>
@@ -360,7 +383,8 @@ def main(argv=None) -> int:
         res = preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
                            args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
                            args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
-                           log=print if d.is_main else quiet)
+                           log=print if d.is_main else quiet,
+                           teacher_weights=args.teacher_weights, normalization=args.normalization)
         finished = True
     except (ValueError, FileNotFoundError) as e:
         print(f"kdbook: error: {e}", file=sys.stderr); return 2

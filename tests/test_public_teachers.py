@@ -199,3 +199,51 @@ def test_public_archs_are_zoo_models_with_repdistillers_parameter_counts():
         n = sum(math.prod(shape) for k, shape in LAYOUTS[arch]
                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
         assert n == sum(p.numel() for p in model.parameters()), arch
+
+
+# ------------------------------------------------------------------------------------------------ kdbook run --teacher-weights
+def test_kdbook_run_distils_from_public_checkpoint_files(tmp_path):
+    "Two fixture teachers saved in RepDistiller's checkpoint format drive a study on a tiny CIFAR-10 archive in the real format."
+    import subprocess, sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import write_cifar
+    write_cifar(tmp_path / "data", "cifar10", archive=True)
+    files = []
+    for arch in ("resnet8", "wrn_16_1"):
+        sd = read_fixture(arch)[0]
+        torch.save({"epoch": 240, "model": sd, "best_acc": 0.0, "optimizer": {}}, tmp_path / f"{arch}.pth")
+        files.append(str(tmp_path / f"{arch}.pth"))
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "KDBOOK_DATA": str(tmp_path / "data"),
+           "KDBOOK_CACHE": str(tmp_path / "cache")}
+    def run(*flags, out="out"):
+        return subprocess.run([sys.executable, "-m", "kdbook.cli", "run", "--data", "cifar10", "--student", "resnet8",
+                               "--methods", "aver,aekd", "--epochs", "1", "--seeds", "1", "--batch-size", "4",
+                               "--out", str(tmp_path / out), *flags], capture_output=True, text=True, env=env, timeout=600)
+    r = run("--teacher-weights", ",".join(files))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "training teacher" not in r.stdout and "teachers: resnet8 " in r.stdout and "wrn_16_1 " in r.stdout
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok", "aver/0": "ok", "aekd/0": "ok"}
+    assert [t["weights"] for t in res["teachers"]] == files and res["normalization"] == "dataset"
+    # the teachers' accuracy is measured here, by an independent pass over the test split
+    from kdbook.data import load_dataset
+    ds = load_dataset("cifar10", root=tmp_path / "data")
+    model = from_public_checkpoint(files[0]).eval()
+    x = (ds.test.x.float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
+    with torch.no_grad(): top1 = 100.0 * float((model(x).logits.argmax(1) == ds.test.y).float().mean())
+    assert res["teachers"][0]["test_top1"] == pytest.approx(top1, abs=1e-6)
+    # the run key holds the weights: other files (the same two, swapped) train again; the same files reuse
+    again = run("--teacher-weights", ",".join(files))
+    assert "reused 3 finished runs" in again.stdout, again.stdout
+    swapped = run("--teacher-weights", ",".join(files[::-1]))
+    assert swapped.returncode == 0 and "settings changed" in swapped.stdout
+    # the normalisation is selectable and recorded
+    rd = run("--teacher-weights", ",".join(files), "--normalization", "repdistiller", out="rd")
+    assert rd.returncode == 0, rd.stderr
+    assert json.loads((tmp_path / "rd" / "results.json").read_text())["normalization"] == "repdistiller"
+    # bad combinations are one line each, before anything trains
+    for flags, msg in ((["--teacher-weights", files[0], "--teachers", "resnet8,resnet8"], "one per file"),
+                       (["--teacher-weights", str(tmp_path / "nope.pth")], "no such file"),
+                       (["--teacher-weights", files[0], "--teachers", "vgg8"], "is not a repdistiller vgg8 checkpoint")):
+        bad = run(*flags, out="bad")
+        assert bad.returncode == 2 and msg in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
