@@ -49,10 +49,16 @@ def test_the_wheel_holds_every_module_and_one_version(dist):
 
 
 def test_the_installed_wheel_runs_outside_the_checkout(dist, tmp_path):
-    "A venv that sees the system's torch (no 1 GB download) but gets kdbook only from the wheel; run from a folder without the sources."
+    """A venv that sees the running environment's packages (torch without a 1 GB download) but gets kdbook only from the
+    wheel; run from a folder without the sources. The running environment is this test's interpreter, a venv or not:
+    its site-packages folders (a venv's own and those it sees) are listed in a `.pth` file of the new venv, after
+    the venv's own folder, which holds the wheel."""
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=True)
     py = env_dir / "bin" / "python"
+    own = Path(_run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    outer = [p for p in dict.fromkeys(sys.path) if p and Path(p).name in ("site-packages", "dist-packages")]
+    (own / "_running_environment.pth").write_text("\n".join(outer) + "\n")
     _run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", dist[0])
     work = tmp_path / "elsewhere"; work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"KDBOOK_CACHE": str(tmp_path / "cache")}
