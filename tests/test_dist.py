@@ -235,3 +235,32 @@ def test_kdbook_run_bad_distributed_input(tmp_path):
         p = subprocess.run([sys.executable, "-m", "kdbook.cli", "run", "--backend", "nccl", "--out", str(tmp_path / "o")],
                            capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 2 and "backend 'nccl' needs CUDA GPUs" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the gather's backward
+def sibling_branch_grads(rank_share: bool) -> dict:
+    "Gradients of ((all_gather_cat(x @ w) + b)²).sum() with b = exp(b0) built before the gather (autograd reaches b's "
+    "branch after the gather's backward, with the same incoming gradient tensor); averaged over the ranks as DDP does."
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)   # the gathered shape: no broadcast reduces its gradient
+    b = b0.exp()
+    d = kd.current()
+    sl = slice(4 * d.rank, 4 * d.rank + 4) if rank_share else slice(None)
+    loss = ((kd.all_gather_cat(x[sl] @ w, 0) + b) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b0))
+    return {"w": kd.all_reduce(gw.clone(), "mean"), "b0": kd.all_reduce(gb.clone(), "mean")}
+
+
+def test_gather_leaves_a_sibling_branchs_gradient_alone():
+    "The gather's backward sums the ranks' gradients into a new tensor: a branch sharing its incoming gradient still "
+    "sees one rank's copy, so d/db0 (and d/dw) on 2 ranks equal the one-process values, checked by hand in float64."
+    alone = sibling_branch_grads(False)
+    torch.manual_seed(4)
+    x, w, b0 = torch.randn(8, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    r = x @ w + b0.exp()
+    assert torch.allclose(alone["w"], 2 * x.T @ r, atol=1e-12)
+    assert torch.allclose(alone["b0"], 2 * r * b0.exp(), atol=1e-12)
+    for g in kd.spawn(sibling_branch_grads, 2, (True,)):
+        for k in alone: assert torch.allclose(g[k], alone[k], atol=1e-12), (k, g[k], alone[k])
