@@ -264,3 +264,32 @@ def test_gather_leaves_a_sibling_branchs_gradient_alone():
     assert torch.allclose(alone["b0"], 2 * r * b0.exp(), atol=1e-12)
     for g in kd.spawn(sibling_branch_grads, 2, (True,)):
         for k in alone: assert torch.allclose(g[k], alone[k], atol=1e-12), (k, g[k], alone[k])
+
+
+# ------------------------------------------------------------------------------------------------ the other synchronised sums
+def synced_statistics(rank_share: bool, sync: bool = True) -> dict:
+    "MoE-KD's per-batch prototypes (Eq. 7's two sums all-reduced), AE-KD's Gram of the batch-mean gradients (the means "
+    "averaged) and AE-KD*'s hint weights in both forms, on a fixed batch of 12: on 2 ranks each takes its half."
+    from kdbook.aekd import aekd_weights, hint_weights
+    from kdbook.moekd import class_prototypes
+    g = torch.Generator().manual_seed(6)
+    probs = torch.softmax(2 * torch.randn(12, 4, generator=g, dtype=torch.float64), -1)
+    feats = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    s, t = torch.randn(12, 5, generator=g, dtype=torch.float64), 3 * torch.randn(3, 12, 5, generator=g, dtype=torch.float64)
+    grads = torch.randn(3, 12, 2, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2]).view(3, 1, 1, 1).double()
+    d = kd.current()
+    sl = slice(6 * d.rank, 6 * d.rank + 6) if rank_share else slice(None)
+    sync = sync and rank_share
+    return {"prototypes": class_prototypes(probs[sl], feats[sl], sync=sync),
+            "aekd_mean": aekd_weights(s[sl], t[:, sl], T=2.0, C=0.5, gram="mean", sync=sync),
+            "hint_paper": hint_weights(grads[:, sl], 0.5, "paper", sync=sync),
+            "hint_code": hint_weights(grads[:, sl], 0.5, "code", sync=sync)}
+
+
+def test_synchronised_statistics_equal_one_process():
+    "Each synchronised quantity on 2 ranks equals one process's on the whole batch; without the sync the halves' differ."
+    alone = synced_statistics(False)
+    for r in kd.spawn(synced_statistics, 2, (True,)):
+        for k in alone: assert torch.allclose(r[k], alone[k], atol=1e-9), (k, r[k], alone[k])
+    for r in kd.spawn(synced_statistics, 2, (True, False)):
+        for k in alone: assert float((r[k] - alone[k]).abs().max()) > 1e-3, k

@@ -117,8 +117,8 @@ def test_feature_terms_of_fitnet_and_camkd():
         m.regressors, m.heads = regs, [lambda f, h=h: h(f.mean((2, 3))) for h in heads]
         m.eval()
         out = m.loss((None, y, None), s, t)
-        assert math.isclose(float(out["feat"]), want, rel_tol=1e-12), cls.name
-        assert math.isclose(float(out["loss"]), float(out["ce"] + out["kd"]) + 7.0 * want, rel_tol=1e-12), cls.name
+        assert math.isclose(float(out["feat"].detach()), want, rel_tol=1e-12), cls.name
+        assert math.isclose(float(out["loss"].detach()), float((out["ce"] + out["kd"]).detach()) + 7.0 * want, rel_tol=1e-12), cls.name
 
 
 # ------------------------------------------------------------------------------------------------ chapter 10
@@ -169,7 +169,7 @@ def test_aekd_feat_hint_term_is_the_weighted_sum_of_hints():
     H = [F.mse_loss(r(fs), f) for r, f in zip(m.regressors, fts)]
     gr = np.stack([torch.autograd.grad(h, fs, retain_graph=True)[0].flatten().numpy() for h in H])
     w = brute_force_min_norm(gr @ gr.T, 0.5)
-    assert math.isclose(float(term), float(sum(wi * float(h) for wi, h in zip(w, H))), rel_tol=1e-8)
+    assert math.isclose(float(term.detach()), float(sum(wi * float(h) for wi, h in zip(w, H))), rel_tol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ chapter 11

@@ -11,8 +11,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMULAS = "tests/test_formulas.py"
+# the fast part of the chapters' test files (pytest arguments): no training runs, no `kdbook run`
+MEC = ["tests/test_mec.py", FORMULAS, "-k", "not trains and not cli and not memory and not ka_with_labels"]
+CFL = ["tests/test_cfl.py", FORMULAS, "-k", "not train and not cli"]
+MMKD = ["tests/test_mmkd.py", "-k", "not resumed and not cli and not bad_setups"]
+MOEKD = ["tests/test_moekd.py", FORMULAS, "-k", "not train and not resumes and not recorded and not cli and not refused"]
 
-# (module, exact source snippet, replacement, test files, what the mutant does)
+# (module, exact source snippet, replacement, pytest arguments (test files, node ids, -k), what the mutant does)
 MUTANTS = [
     ("kdbook/core.py", "return _reduce(kl.sum(-1) * T * T, reduction)", "return _reduce(kl.sum(-1), reduction)",
      ["tests/test_core.py", FORMULAS], "kd_loss without T²"),
@@ -45,33 +50,33 @@ MUTANTS = [
     ("kdbook/aekd.py", "return (w * H).sum()", "return H.mean()", ["tests/test_aekd.py", FORMULAS],
      "AE-KD* hints unweighted"),
     ("kdbook/moekd.py", "kl = torch.xlogy(q, q) - torch.where(q > 0, q * log_gate, torch.zeros_like(q))",
-     "kl = torch.xlogy(q, q)", ["tests/test_moekd.py", FORMULAS], "ELBO without the gate in its KL"),
+     "kl = torch.xlogy(q, q)", MOEKD, "ELBO without the gate in its KL"),
     ("kdbook/moekd.py", "return (_log_gate(gate_logits) + log_expert_likelihood(expert_logits, y)).softmax(-1)",
-     "return log_expert_likelihood(expert_logits, y).softmax(-1)", ["tests/test_moekd.py", FORMULAS],
+     "return log_expert_likelihood(expert_logits, y).softmax(-1)", MOEKD,
      "posterior without the prior"),
     ("kdbook/moekd.py", "num, den = probs.T @ feats, probs.sum(0)", "num, den = probs.T @ feats, probs.sum(1)",
-     ["tests/test_moekd.py", FORMULAS], "prototypes normalised per sample"),
+     MOEKD, "prototypes normalised per sample"),
     ("kdbook/moekd.py", "return F.softmax(logits / check_temperature(tau), -1)", "return F.softmax(logits, -1)",
-     ["tests/test_moekd.py", FORMULAS], "teacher probabilities without τ"),
+     MOEKD, "teacher probabilities without τ"),
     ("kdbook/mec.py", "return -T * torch.logsumexp(upcast(logits) / T, -1)", "return -torch.logsumexp(upcast(logits), -1)",
-     ["tests/test_mec.py", FORMULAS], "free energy without its temperature"),
+     MEC, "free energy without its temperature"),
     ("kdbook/mec.py", "sq = (head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1) - self.delta) ** 2",
      "sq = head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1) ** 2",
-     ["tests/test_mec.py"], "anchor loss without Δ"),
+     MEC, "anchor loss without Δ"),
     ("kdbook/cfl.py", "if not unbiased: return kxx.mean((-1, -2)) + kyy.mean((-1, -2)) - 2 * kxy.mean((-1, -2))",
      "if not unbiased: return kxx.mean((-1, -2)) + kyy.mean((-1, -2)) - kxy.mean((-1, -2))",
-     ["tests/test_cfl.py"], "MMD with one cross term"),
+     CFL, "MMD with one cross term"),
     ("kdbook/cfl.py", "off = lambda k, n: (k.sum((-1, -2)) - k.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))",
      "off = lambda k, n: (k.sum((-1, -2)) - k.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * n)",
-     ["tests/test_cfl.py"], "unbiased MMD over n² pairs"),
+     CFL, "unbiased MMD over n² pairs"),
     ("kdbook/cfl.py", "return mmds.sum() + sum(F.mse_loss(upcast(r), f) for r, f in zip(recs, fts))", "return mmds.sum()",
-     ["tests/test_cfl.py"], "CFL without the reconstruction term"),
+     CFL, "CFL without the reconstruction term"),
     ("kdbook/mmkd.py", 'hp = dict(lr=g0["lr"], momentum=g0["momentum"], nesterov=g0["nesterov"], weight_decay=g0["weight_decay"])',
-     'hp = dict(lr=g0["lr"], momentum=g0["momentum"], nesterov=g0["nesterov"])', ["tests/test_mmkd.py"],
+     'hp = dict(lr=g0["lr"], momentum=g0["momentum"], nesterov=g0["nesterov"])', MMKD,
      "meta step's look-ahead without weight decay"),
-    ("kdbook/mmkd.py", "g = g + momentum * b if nesterov else b", "g = b", ["tests/test_mmkd.py"], "sgd_step without Nesterov"),
+    ("kdbook/mmkd.py", "g = g + momentum * b if nesterov else b", "g = b", MMKD, "sgd_step without Nesterov"),
     ("kdbook/mmkd.py", "return alpha * (w_logit * kl).sum(1).mean() + beta * (w_feat * mse).sum(1).mean()",
-     "return alpha * (w_logit * kl).sum(1).mean() + beta * mse.mean()", ["tests/test_mmkd.py"],
+     "return alpha * (w_logit * kl).sum(1).mean() + beta * mse.mean()", MMKD,
      "feature term without its meta weights"),
     ("kdbook/models.py", "scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)", "scale = bn.weight / torch.sqrt(bn.running_var)",
      ["tests/test_models.py", FORMULAS], "BN folding without ε"),
@@ -80,12 +85,11 @@ MUTANTS = [
     ("kdbook/learner.py", "return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))", "return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))",
      [FORMULAS], "cosine schedule stepped per epoch only"),
     ("kdbook/learner.py", "return cfg.lr * cfg.gamma ** passed", "return cfg.lr * cfg.gamma ** min(passed, 1)",
-     ["tests/test_learner.py", FORMULAS], "multistep decays once"),
+     ["tests/test_learner.py::test_multistep_schedule_matches_the_papers_epochs", FORMULAS], "multistep decays once"),
     ("kdbook/dist.py", 'g = all_reduce(g.clone(memory_format=torch.contiguous_format), "sum")', 'g = all_reduce(g.contiguous(), "sum")',
      ["tests/test_dist.py::test_gather_leaves_a_sibling_branchs_gradient_alone"], "the gather's backward in place"),
     ("kdbook/dist.py", 'if op == "mean": t.div_(d.world_size)', "pass",
-     ["tests/test_dist.py::test_aekd_ranks_solve_the_global_qp", "tests/test_dist.py::test_batch_level_terms_match_one_process",
-      FORMULAS], "all_reduce 'mean' without the division"),
+     ["tests/test_dist.py::test_aekd_ranks_solve_the_global_qp", "tests/test_dist.py::test_batch_level_terms_match_one_process"], "all_reduce 'mean' without the division"),
 ]
 
 
