@@ -186,7 +186,8 @@ def test_aekd_feat_hint_term_is_the_weighted_sum_of_hints():
     H = [F.mse_loss(r(fs), f) for r, f in zip(m.regressors, fts)]
     gr = np.stack([torch.autograd.grad(h, fs, retain_graph=True)[0].flatten().numpy() for h in H])
     w = brute_force_min_norm(gr @ gr.T, 0.5)
-    assert math.isclose(float(term.detach()), float(sum(wi * float(h.detach()) for wi, h in zip(w, H))), rel_tol=1e-8)
+    want = sum(wi * float(h.detach()) for wi, h in zip(w, H))
+    assert math.isclose(float(term.detach()), want, rel_tol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------ chapter 11
