@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from kdbook.data import load_dataset
 from kdbook.learner import Callback, Distiller, TrainConfig, train_teachers
 from kdbook.models import TeacherBank, create_model
-from kdbook.mmkd import (MMKD, HardBuffer, LookAhead, MetaWeightNet, gram_meta_input, hypergradient, logit_meta_input,
-                         outer_of, sgd_step, small_lookahead)
+from kdbook.mmkd import (MMKD, HardBuffer, LookAhead, MetaWeightNet, gram_meta_input, hypergradient,
+                         logit_meta_input, outer_of, sgd_step, small_lookahead)
 from conftest import quick_run
 
 OPTS = {"plain": dict(lr=0.02), "heavy ball": dict(lr=0.02, momentum=0.9, weight_decay=5e-4),
@@ -23,8 +23,8 @@ def along(g, v): return float(sum((g[k] * v[k]).sum() for k in v))
 @pytest.mark.parametrize("opt", list(OPTS))
 @pytest.mark.parametrize("feat", ["gram", "rows"])
 def test_exact_hypergradient_matches_central_differences(opt, feat):
-    "Differences' own error here is below 6e-9 (relative) and dropping weight decay moves the hypergradient by 6e-5 to "
-    "1.2e-4: a tolerance of 1e-6 sees it."
+    "Differences' own error here is below 6e-9 (relative) and dropping weight decay moves the hypergradient "
+    "by 6e-5 to 1.2e-4: a tolerance of 1e-6 sees it."
     prob, phi, theta, bufs = small_lookahead(feat=feat, seed=1)
     g = torch.Generator().manual_seed(2)
     v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in phi.items()}
@@ -137,10 +137,10 @@ def test_cli_runs_mmkd_beside_the_baselines(cli_data, tmp_path):
     assert len(w) == 3 and abs(sum(w) - 1) < 1e-3
 
 
-
 # ------------------------------------------------------------------------------------------------ meta_step end to end
 SETTINGS = {"momentum": dict(momentum=0.9), "Nesterov": dict(momentum=0.9, nesterov=True),
-            "weight decay": dict(weight_decay=0.05), "all": dict(momentum=0.9, nesterov=True, weight_decay=0.05)}
+            "weight decay": dict(weight_decay=0.05),
+            "all": dict(momentum=0.9, nesterov=True, weight_decay=0.05)}
 LR = 0.2
 
 
@@ -153,8 +153,9 @@ def float64():
 
 
 def smooth(net: torch.nn.Module) -> torch.nn.Module:
-    "`net` with SiLU for every ReLU: a ReLU network's gradient jumps where a unit crosses 0, so after two look-ahead "
-    "steps the outer loss jumps in φ (every ~1e-5 along a random direction here) and differences do not converge."
+    "`net` with SiLU for every ReLU: a ReLU network's gradient jumps where a unit crosses 0, so after two "
+    "look-ahead steps the outer loss jumps in φ (every ~1e-5 along a random direction here) and differences "
+    "do not converge."
     for mod in list(net.modules()):
         for name, child in mod.named_children():
             if isinstance(child, torch.nn.ReLU): setattr(mod, name, torch.nn.SiLU())
@@ -162,8 +163,9 @@ def smooth(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def meta_case(settings: dict, B=8, C=5, M=2):
-    "An MMKD set up on a float64 `cnn_tiny` student and M random teachers, the student's torch SGD (with `settings`) "
-    "after one step on random gradients (momentum buffers filled), a learner stand-in, a meta batch and φ."
+    "An MMKD set up on a float64 `cnn_tiny` student and M random teachers, the student's torch SGD (with "
+    "`settings`) after one step on random gradients (momentum buffers filled), a learner stand-in, a meta "
+    "batch and φ."
     torch.manual_seed(0)
     student = smooth(create_model("cnn_tiny", C, 1).train())
     bank = TeacherBank([create_model("cnn_tiny", C, 1) for _ in range(M)])
@@ -186,7 +188,8 @@ def meta_step_grads(m, learn, x, y) -> dict:
     "The gradients `meta_step` gives the meta-nets, read as Adam is about to use them."
     seen, step = {}, m.meta_opt.step
     def spy():
-        seen.update({f"{n}.{k}": p.grad.clone() for n, net in m.nets.items() for k, p in net.named_parameters()})
+        seen.update({f"{n}.{k}": p.grad.clone()
+                     for n, net in m.nets.items() for k, p in net.named_parameters()})
         step()
     m.meta_opt.step = spy
     m.meta_step(learn, x, y)
@@ -194,29 +197,31 @@ def meta_step_grads(m, learn, x, y) -> dict:
 
 
 def reference_hypergradient(m, learn, x, y, phi: dict, opt: dict) -> dict:
-    "`hypergradient` of the look-ahead `meta_step` should build (two matching steps, one CE step, meta inputs at θ), "
-    "with the SGD settings `opt` given here rather than read by the code under test."
+    "`hypergradient` of the look-ahead `meta_step` should build (two matching steps, one CE step, meta inputs"
+    " at θ), with the SGD settings `opt` given here rather than read by the code under test."
     with torch.no_grad():
         t = learn.bank(x, feats=True)
         t_logits, t_maps = t.logits.clone(), [f[-1].clone() for f in t.feats]
     model = m.model[0]
     theta = {k: p.detach() for k, p in model.named_parameters()}
     bufs = {k: learn.opt.state[p].get("momentum_buffer") for k, p in model.named_parameters()}
-    prob = LookAhead(model, x, y, t_logits, t_maps, dict(m.nets), {}, ("match", "match", "ce"), m.T, m.alpha, m.beta)
+    steps = ("match", "match", "ce")
+    prob = LookAhead(model, x, y, t_logits, t_maps, dict(m.nets), {}, steps, m.T, m.alpha, m.beta)
     with torch.no_grad(): z, _, fmap = prob.forward(theta)
     prob.inputs = {"logit": logit_meta_input(t_logits, z), "feat": gram_meta_input(t_maps, fmap)}
     return hypergradient(prob, phi, theta, bufs, opt)
 
 
 def torch_sgd_outer(m, learn, x, y, phi: dict) -> float:
-    "The outer CE after the look-ahead (two weighted matching steps, one CE step) taken by a copy of the student's own "
-    "`torch.optim.SGD` (its param groups and momentum buffers), the losses written out from Eq. 6, 7 and 12."
+    "The outer CE after the look-ahead (two weighted matching steps, one CE step) taken by a copy of the "
+    "student's own `torch.optim.SGD` (its param groups and momentum buffers), the losses written out from Eq."
+    " 6, 7 and 12."
     student, regs = copy.deepcopy(learn.student).train(), copy.deepcopy(m.regressors).train()
     nets = copy.deepcopy(m.nets)
     with torch.no_grad():
         for k, p in nets.named_parameters(): p.copy_(phi[k])
     opt = torch.optim.SGD([*student.parameters(), *regs.parameters()], lr=1.0)
-    opt.load_state_dict(copy.deepcopy(learn.opt.state_dict()))   # loading keeps the buffers' storage: copy them
+    opt.load_state_dict(copy.deepcopy(learn.opt.state_dict()))   # loading keeps the buffers' storage
     with torch.no_grad():
         t = learn.bank(x, feats=True)
         t_logits, t_maps = t.logits.clone(), [f[-1].clone() for f in t.feats]
@@ -230,8 +235,10 @@ def torch_sgd_outer(m, learn, x, y, phi: dict) -> float:
         if kind == "ce": loss = F.cross_entropy(s.logits, y)
         else:
             log_ps = F.log_softmax(s.logits / T, 1)
-            kl = torch.stack([(F.softmax(u / T, 1) * (F.log_softmax(u / T, 1) - log_ps)).sum(1) for u in t_logits], 1)
-            mse = torch.stack([((r(s.feats[-1]) - f) ** 2).flatten(1).mean(1) for r, f in zip(regs, t_maps)], 1)
+            kl = torch.stack([(F.softmax(u / T, 1) * (F.log_softmax(u / T, 1) - log_ps)).sum(1)
+                              for u in t_logits], 1)
+            mse = torch.stack([((r(s.feats[-1]) - f) ** 2).flatten(1).mean(1)
+                               for r, f in zip(regs, t_maps)], 1)
             loss = m.alpha * (w_logit * T * T * kl).sum(1).mean() + m.beta * (w_feat * mse).sum(1).mean()
         loss.backward()
         opt.step()
@@ -250,8 +257,8 @@ def dropped(settings: dict) -> list:
 
 @pytest.mark.parametrize("settings", list(SETTINGS))
 def test_meta_step_gradient_is_the_hypergradient_under_the_optimisers_settings(settings, float64):
-    "The meta-nets' gradients after one `meta_step` equal `hypergradient` under the SGD settings written out here, to "
-    "1e-9 (relative); with any one setting dropped the hypergradient moves by more than 10x that."
+    "The meta-nets' gradients after one `meta_step` equal `hypergradient` under the SGD settings written out "
+    "here, to 1e-9 (relative); with any one setting dropped the hypergradient moves by more than 10x that."
     m, learn, x, y, phi = meta_case(SETTINGS[settings])
     got = meta_step_grads(m, learn, x, y)
     full = dict(lr=LR, **SETTINGS[settings])
@@ -265,10 +272,11 @@ def test_meta_step_gradient_is_the_hypergradient_under_the_optimisers_settings(s
 
 @pytest.mark.parametrize("settings", list(SETTINGS))
 def test_meta_step_gradient_matches_differences_through_torch_sgd(settings, float64):
-    "Central differences of the outer loss after a look-ahead taken by torch's own SGD (a copy of the student's optimizer "
-    "and its momentum buffers), along three random directions of φ, match `meta_step`'s gradient to 1e-6 (relative; "
-    "the differences' own error at ε = 1e-6 is 1e-8 to 6e-8); the look-ahead without any one of the optimizer's "
-    "settings misses them by more than 10x that (weight decay, the smallest, by 5%)."
+    "Central differences of the outer loss after a look-ahead taken by torch's own SGD (a copy of the "
+    "student's optimizer and its momentum buffers), along three random directions of φ, match `meta_step`'s "
+    "gradient to 1e-6 (relative; the differences' own error at ε = 1e-6 is 1e-8 to 6e-8); the look-ahead "
+    "without any one of the optimizer's settings misses them by more than 10x that (weight decay, the "
+    "smallest, by 5%)."
     m, learn, x, y, phi = meta_case(SETTINGS[settings])
     got = meta_step_grads(m, learn, x, y)
     g, eps = torch.Generator().manual_seed(5), 1e-6
