@@ -166,7 +166,9 @@ class _GatherCat(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        g = all_reduce(g.contiguous(), "sum")   # every rank's copy of the loss reaches this rank's samples
+        # every rank's copy of the loss reaches this rank's samples; summed into a new tensor, because autograd may hand
+        # the same `g` to a sibling branch (e.g. `h + b` gives both sides one tensor), which must still see one rank's copy
+        g = all_reduce(g.clone(memory_format=torch.contiguous_format), "sum")
         return g.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
 
 def all_gather_cat(t: Tensor, dim: int = 0) -> Tensor:

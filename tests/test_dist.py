@@ -236,3 +236,67 @@ def test_kdbook_run_bad_distributed_input(tmp_path):
         p = subprocess.run([sys.executable, "-m", "kdbook.cli", "run", "--backend", "nccl", "--out", str(tmp_path / "o")],
                            capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 2 and "backend 'nccl' needs CUDA GPUs" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the gather's backward
+def sibling_branch_grads(rank_share: bool) -> dict:
+    "Gradients of ((all_gather_cat(x @ w) + b)²).sum() with b = exp(b0) built before the gather (autograd "
+    "reaches b's branch after the gather's backward, with the same incoming gradient tensor); averaged over "
+    "the ranks as DDP does."
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b0 = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)   # the gathered shape: no broadcast sum
+    b = b0.exp()
+    d = kd.current()
+    sl = slice(4 * d.rank, 4 * d.rank + 4) if rank_share else slice(None)
+    loss = ((kd.all_gather_cat(x[sl] @ w, 0) + b) ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b0))
+    return {"w": kd.all_reduce(gw.clone(), "mean"), "b0": kd.all_reduce(gb.clone(), "mean")}
+
+
+def test_gather_leaves_a_sibling_branchs_gradient_alone():
+    "The gather's backward sums the ranks' gradients into a new tensor: a branch sharing its incoming "
+    "gradient still sees one rank's copy, so d/db0 (and d/dw) on 2 ranks equal the one-process values, "
+    "checked by hand in float64."
+    alone = sibling_branch_grads(False)
+    torch.manual_seed(4)
+    x, w, b0 = (torch.randn(*sh, dtype=torch.float64) for sh in ((8, 3), (3, 2), (8, 2)))
+    r = x @ w + b0.exp()
+    assert torch.allclose(alone["w"], 2 * x.T @ r, atol=1e-12)
+    assert torch.allclose(alone["b0"], 2 * r * b0.exp(), atol=1e-12)
+    for g in kd.spawn(sibling_branch_grads, 2, (True,)):
+        for k in alone: assert torch.allclose(g[k], alone[k], atol=1e-12), (k, g[k], alone[k])
+
+
+# ------------------------------------------------------------------------------------------------ the other synchronised sums
+def synced_statistics(rank_share: bool, sync: bool = True) -> dict:
+    "MoE-KD's per-batch prototypes (Eq. 7's two sums all-reduced), AE-KD's Gram of the batch-mean gradients "
+    "(the means averaged) and AE-KD*'s hint weights in both forms, on a fixed batch of 12: on 2 ranks each "
+    "takes its half."
+    from kdbook.aekd import aekd_weights, hint_weights
+    from kdbook.moekd import class_prototypes
+    g = torch.Generator().manual_seed(6)
+    probs = torch.softmax(2 * torch.randn(12, 4, generator=g, dtype=torch.float64), -1)
+    feats = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    s = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    t = 3 * torch.randn(3, 12, 5, generator=g, dtype=torch.float64)
+    scales = torch.tensor([1.0, 3.0, 0.2], dtype=torch.float64).view(3, 1, 1, 1)
+    grads = torch.randn(3, 12, 2, 2, generator=g, dtype=torch.float64) * scales
+    d = kd.current()
+    sl = slice(6 * d.rank, 6 * d.rank + 6) if rank_share else slice(None)
+    sync = sync and rank_share
+    return {"prototypes": class_prototypes(probs[sl], feats[sl], sync=sync),
+            "aekd_mean": aekd_weights(s[sl], t[:, sl], T=2.0, C=0.5, gram="mean", sync=sync),
+            "hint_paper": hint_weights(grads[:, sl], 0.5, "paper", sync=sync),
+            "hint_code": hint_weights(grads[:, sl], 0.5, "code", sync=sync)}
+
+
+def test_synchronised_statistics_equal_one_process():
+    "Each synchronised quantity on 2 ranks equals one process's on the whole batch; without the sync the "
+    "halves' differ."
+    alone = synced_statistics(False)
+    for r in kd.spawn(synced_statistics, 2, (True,)):
+        for k in alone: assert torch.allclose(r[k], alone[k], atol=1e-9), (k, r[k], alone[k])
+    for r in kd.spawn(synced_statistics, 2, (True, False)):
+        for k in alone: assert float((r[k] - alone[k]).abs().max()) > 1e-3, k

@@ -1,5 +1,6 @@
 "Chapter 13, MEC: free energies and head choice against brute force, the memory, the method's terms and switches, `kdbook run --memory`."
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +145,110 @@ def test_cli_refuses_bad_memory_and_delta(tmp_path, monkeypatch, capsys, argv, m
     assert code == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "cache" / "teachers").exists()   # refused before any expert trained
+
+
+# ------------------------------------------------------------------------------------------------ the terms against the paper
+def _mec_over(tasks, **kw) -> MEC:
+    "A MEC whose class groups are `tasks` (what `prepare` sets from a run's tasks), for calling its loss "
+    "terms directly."
+    m = MEC(**kw)
+    m._tasks = [torch.as_tensor(t) for t in tasks]
+    m._index, m._valid = head_layout(m._tasks)
+    m._task_of = torch.empty(sum(len(t) for t in tasks), dtype=torch.int64)
+    for k, t in enumerate(m._tasks): m._task_of[t] = k
+    return m
+
+
+def _anchor_by_hand(u, y, tasks, delta) -> float:
+    "Eq. 9 summed over the heads, in float64 loops: per head m, the mean over the batch's samples with y in "
+    "Y_m of (F^m(x) − Δ)², F^m(x) = −log Σ_{c∈Y_m} exp h[c] (Eq. 8); a head with no such sample adds nothing."
+    total = 0.0
+    for t in tasks:
+        inside = [i for i in range(len(y)) if int(y[i]) in t]
+        if inside:
+            F_m = [-math.log(sum(math.exp(float(u[i, c])) for c in t)) for i in inside]
+            total += sum((f - delta) ** 2 for f in F_m) / len(inside)
+    return total
+
+
+def _head_kd_by_hand(u, experts, tasks, T) -> float:
+    "Σ_m T²·(1/B) Σ_i Σ_{c} p_t log(p_t / p_s), p_t = softmax(expert m / T), p_s = softmax(head m / T) over "
+    "Y_m (Eq. 10 read as KD's KL), in float64 loops."
+    total, B = 0.0, len(u)
+    for t, v in zip(tasks, experts):
+        for i in range(B):
+            zt = [math.exp(float(v[i, j]) / T) for j in range(len(t))]
+            zs = [math.exp(float(u[i, c]) / T) for c in t]
+            pt, ps = [a / sum(zt) for a in zt], [a / sum(zs) for a in zs]
+            total += T * T * sum(a * math.log(a / b) for a, b in zip(pt, ps)) / B
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_anchor_loss_and_head_kd_match_the_paper_written_out(seed):
+    "Uneven heads (2, 3 and 5 classes), Δ = −3, T = 2.5, logits of scale 3; seed 2 leaves head 0 without "
+    "in-stage samples."
+    g = torch.Generator().manual_seed(seed)
+    tasks = [[2, 7], [0, 1, 9], [3, 4, 5, 6, 8]]
+    m = _mec_over(tasks, T=2.5, delta=-3.0)
+    u = 3 * torch.randn(12, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,), generator=g)
+    if seed == 2: y = torch.tensor([0, 1, 9, 3, 4, 5, 6, 8, 0, 3, 3, 9])
+    experts = [2 * torch.randn(12, len(t), generator=g, dtype=torch.float64) for t in tasks]
+    assert math.isclose(float(m.anchor_loss(u, y)), _anchor_by_hand(u, y, tasks, -3.0), rel_tol=1e-12)
+    kd = float(m.head_kd(u, SimpleNamespace(logits=experts)))
+    assert math.isclose(kd, _head_kd_by_hand(u, experts, tasks, 2.5), rel_tol=1e-12)
+
+
+def test_anchor_optimum_puts_each_heads_in_stage_mean_at_delta():
+    "A shift c_m added to head m's logits moves F^m by −c_m, so the anchor loss of the shifted heads is Σ_m "
+    "mean(F^m − c_m − Δ)²: its minimum is at c_m = mean F^m − Δ, where its value is the sum of the heads' "
+    "in-stage (population) variances of F^m."
+    g = torch.Generator().manual_seed(4)
+    tasks = [[0, 5], [1, 2, 3], [4, 6, 7, 8, 9]]
+    m = _mec_over(tasks, delta=-5.0)
+    u, y = 3 * torch.randn(40, 10, generator=g, dtype=torch.float64), torch.randint(0, 10, (40,), generator=g)
+    F_in = [torch.tensor([-math.log(sum(math.exp(float(u[i, c])) for c in t))
+                          for i in range(40) if int(y[i]) in t], dtype=torch.float64) for t in tasks]
+    c = torch.tensor([float(f.mean()) + 5.0 for f in F_in], dtype=torch.float64, requires_grad=True)
+    classes = torch.cat([torch.tensor(t) for t in tasks])
+    shift = torch.zeros(10, dtype=torch.float64).index_add(0, classes, torch.cat([c[k].expand(len(t))
+                                                                                  for k, t in enumerate(tasks)]))
+    loss = m.anchor_loss(u + shift, y)
+    (grad,) = torch.autograd.grad(loss, c)
+    assert math.isclose(float(loss.detach()), sum(float(f.var(unbiased=False)) for f in F_in), rel_tol=1e-10)
+    assert float(grad.abs().max()) < 1e-10
+
+
+def test_mec_loss_weighs_its_terms_by_gamma_lambda1_lambda2():
+    "Eq. 11 with γ, λ1, λ2 and T away from their defaults: the loss is γ·CE + λ1·(L_M + L_R) + λ2·(L_al + Σ "
+    "L_kd), each term its formula (CE over every head's logits, the anchor and KD written out above, MERL's "
+    "KL and norm)."
+    ds = load_dataset("digits")
+    am = Amalgamation.split(ds, 2, seed=0)
+    ex = _experts(am)
+    torch.manual_seed(3)
+    method = MEC(T=2.0, gamma=0.7, lam1=0.3, lam2=0.4, delta=-2.0)
+    d = Distiller(create_model("cnn_small", 10, 1), method, ds, teachers=ex,
+                  cfg=TrainConfig(epochs=1, batch_size=16), progress=False, tasks=am.tasks)
+    d.setup()
+    x, y, _ = next(iter(d.train_dl))
+    s, t = d.student(x), d.bank(x, feats=True)
+    out = method.loss((x, y), s, t)
+    u = (s.pooled @ method.heads.weight.T + method.heads.bias).double().detach()
+    tasks = [tk.tolist() for tk in am.tasks]
+    ce = float(-(u.log_softmax(1)[torch.arange(len(y)), y]).mean())
+    anchor = _anchor_by_hand(u, y, tasks, -2.0)
+    kd = _head_kd_by_hand(u, [v.double() for v in t.logits], tasks, 2.0)
+    fts = [f[-1] for f in t.feats]
+    size = s.feats[-1].shape[-2:]
+    fts = [f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size) for f in fts]
+    with torch.no_grad(): hs, hts, recs = method.common(s.feats[-1], fts)
+    pg = hs.double().softmax(1)
+    merl_m = sum(float((pg * (pg.log() - h.double().softmax(1).log())).sum(1).mean()) for h in hts)  # Eq. 4-5
+    merl_r = sum(float((r.double() - f.double()).flatten(1).pow(2).sum(1).sqrt().mean())            # Eq. 6
+                 for r, f in zip(recs, fts))
+    for k, v in (("ce", ce), ("anchor", anchor), ("kd", kd), ("merl_m", merl_m), ("merl_r", merl_r)):
+        assert math.isclose(float(out[k].detach()), v, rel_tol=2e-5), k
+    want = 0.7 * ce + 0.3 * (merl_m + merl_r) + 0.4 * (anchor + kd)
+    assert math.isclose(float(out["loss"].detach()), want, rel_tol=2e-5)
