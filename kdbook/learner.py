@@ -795,11 +795,13 @@ def _newest_readable(self: CheckpointCallback, world_size: int):
         pointer = self.folder / "latest"
         if (pointer.exists() or pointer.is_symlink()) and self._pointed() is None:
             notices.warning(f"kdbook: checkpoint pointer {pointer} names no checkpoint; set aside as {set_aside(pointer)}")
-        for path in reversed(self.checkpoints()):
+        found = self.checkpoints()
+        for i, path in reversed(list(enumerate(found))):
             try: return path, _read_checkpoint(path, world_size)
             except UnreadableCheckpoint as e:
+                then = "trying the one before" if i else "no readable checkpoint is left: training from the start"
                 notices.warning(f"kdbook: checkpoint file {e.file} cannot be read ({str(e).split(': ', 1)[1]}); "
-                                f"set aside as {set_aside(path)}; trying the one before")
+                                f"set aside as {set_aside(path)}; {then}")
     return None
 
 @patch
