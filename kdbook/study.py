@@ -77,7 +77,7 @@ def _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress) -> dict:
     t0 = time.perf_counter()
     try: hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
     except NonFiniteLossError as e:   # one line naming the teacher and where it diverged
-        raise NonFiniteLossError(f"teacher {arch} (seed {seed}) diverged: {str(e).split(';')[0]}; "
+        raise NonFiniteLossError(f"teacher {arch} (seed {seed}) diverged: {str(e).split(';')[0].split(' of method')[0]}; "
                                  f"train it with a learning rate below {cfg.lr:g}") from None
     info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
             "test_top1": hist[-1]["test_top1"], "test_top5": hist[-1]["test_top5"],

@@ -206,3 +206,100 @@ def test_an_unreadable_results_json_is_kept_aside_and_rebuilt_from_the_runs_reco
     assert all("reused" in l for l in lines) and len(lines) == 2, lines   # nothing trained again
     assert {k: r["top1"] for k, r in again.runs.items()} == {k: r["top1"] for k, r in first.runs.items()}
     assert json.loads(res.read_text())["summary"] == good["summary"]
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+def _tmpfs_reason() -> str | None:
+    "Why a small tmpfs cannot be mounted in a user and mount namespace here (None: it can)."
+    if not shutil.which("unshare"): return "no unshare command (util-linux)"
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else f"no tmpfs in a mount namespace here: {r.stderr.strip()[:200]}"
+
+
+def _on_small_tmpfs(tmp_path, size: str, where: str) -> dict:
+    """`kdbook run` with `where` ('out' or 'cache') on a tmpfs of `size`, then again after the tmpfs grew to 64 MB; the
+    exit codes, outputs and copies of the folder after each run (the tmpfs lives only in its namespace)."""
+    mnt, out, cache = tmp_path / "mnt", tmp_path / "out", tmp_path / "cache"
+    mnt.mkdir()
+    if where == "out": out = mnt / "out"
+    else: cache = mnt / "cache"
+    cmd = " ".join(CLI[:2]) + f" '{CLI[2]}' run " + " ".join(SMALL) + f" --out {out}"
+    script = f"""mount -t tmpfs -o size={size} tmpfs {mnt} || exit 99
+        {cmd} > {tmp_path}/o1 2> {tmp_path}/e1; echo $? > {tmp_path}/rc1; cp -r {mnt} {tmp_path}/after1
+        mount -o remount,size=64m {mnt}
+        {cmd} > {tmp_path}/o2 2> {tmp_path}/e2; echo $? > {tmp_path}/rc2; cp -r {mnt} {tmp_path}/after2"""
+    env = {**_env(tmp_path), "KDBOOK_CACHE": str(cache)}
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    read = lambda n: (tmp_path / n).read_text()
+    return {"rc": [int(read("rc1")), int(read("rc2"))], "out": [read("o1"), read("o2")], "err": [read("e1"), read("e2")],
+            "after": [tmp_path / "after1", tmp_path / "after2"]}
+
+
+@pytest.mark.parametrize("size,where", [("150k", "out"), ("1m", "out"), ("500k", "cache")])
+def test_a_full_disk_is_one_line_exit_1_leaves_no_temporary_and_loses_nothing_finished(tmp_path, size, where):
+    reason = _tmpfs_reason()
+    if reason: pytest.skip(reason)
+    r = _on_small_tmpfs(tmp_path, size, where)
+    assert r["rc"][0] == 1, r["err"][0]
+    lines = [l for l in r["err"][0].splitlines() if l.strip() and "waiting for it" not in l]
+    assert len(lines) == 1 and "Traceback" not in r["err"][0], r["err"][0]
+    m = re.fullmatch(r"kdbook: error: cannot write (\S+) \(([\d,]+) bytes to write\): No space left on device", lines[0])
+    assert m, lines[0]
+    assert Path(m[1]).is_relative_to(tmp_path / "mnt"), m[1]       # the path on the full tmpfs
+    first = r["after"][0]
+    assert not [p for p in first.rglob("*") if ".tmp-" in p.name], sorted(first.rglob("*"))
+    finished = {}
+    if (first / "out" / "results.json").exists():                    # every run recorded is complete and kept
+        finished = json.loads((first / "out" / "results.json").read_text())["runs"]
+        assert all(v["status"] == "ok" for v in finished.values()), finished
+    # the disk grows: the same command finishes, and nothing finished before is trained again
+    assert r["rc"][1] == 0, r["err"][1]
+    for name in finished:
+        label, seed = name.split("/")
+        assert re.search(rf"^{label}\s+seed {seed}: top-1 .*reused", r["out"][1], re.M), (name, r["out"][1])
+    res = json.loads(((r["after"][1] / "out") if where == "out" else tmp_path / "out").joinpath("results.json").read_text())
+    assert sorted(res["runs"]) == ["aver/0", "aver/1", "ce/0", "ce/1"]
+    assert all(v["status"] == "ok" for v in res["runs"].values())
+    assert not [p for p in r["after"][1].rglob("*") if ".tmp-" in p.name]
+
+
+def test_an_unwritable_results_json_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    "A results.json that cannot be replaced (immutable, or on a read-only mount): simulated, as root may write anything."
+    from kdbook import cli
+    real = os.replace
+    def replace(src, dst, *a, **k):
+        if str(dst).endswith("results.json"): raise PermissionError(1, "Operation not permitted", str(dst))
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["run", *SMALL[:6], "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines == [f"kdbook: error: cannot write {tmp_path / 'o' / 'results.json'} ("
+                     f"{lines[0].split('(')[1].split(' bytes')[0]} bytes to write): Operation not permitted"], lines
+    assert not [p for p in (tmp_path / "o").rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_simulated_full_disk_in_a_checkpoint_write_stops_the_study(tmp_path, monkeypatch, capsys):
+    "ENOSPC in the middle of writing a checkpoint file: one line naming the checkpoint, exit 1, no temporary folder left."
+    import errno
+    from kdbook import cli
+    real = Path.write_bytes
+    def write_bytes(self, data):
+        if self.name == "optimizer.safetensors" and "aver" in str(self):
+            real(self, data[:10]); raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["run", *SMALL[:6], "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert re.fullmatch(rf"kdbook: error: cannot write {re.escape(str(tmp_path / 'o' / 'runs' / 'aver'))}/seed0-\w+/checkpoints/"
+                        r"epoch-0001 \([\d,]+ bytes to write\): No space left on device", lines[0]), lines[0]
+    assert not [p for p in (tmp_path / "o").rglob("*") if ".tmp-" in p.name]
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok"}   # the finished run kept, none recorded failed
