@@ -271,8 +271,9 @@ def _teachers_and_data(ds, teachers, am, memory, tcfg, log) -> tuple:
 # %% ../nbs/90_cli.ipynb #e6b9d4f2
 def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, am) -> None:
     """One training step of every method, on the CPU, on a few images, with untrained teachers of the chosen architectures
-    (experts over their class groups with `am`): a combination that cannot train fails here, before anything trains."""
-    tiny = ds.subset(n_train=2 * ds.n_classes, n_test=ds.n_classes)
+    (experts over their class groups with `am`): a combination a method refuses (its ValueError or TypeError) fails here,
+    before anything trains; any other failure is left to the study, which records it."""
+    tiny = ds.subset(n_train=min(2 * ds.n_classes, len(ds.train)), n_test=min(ds.n_classes, len(ds.test)))
     groups = am.tasks if am is not None else [None] * len(teachers)
     archs = [teachers[m % len(teachers)] for m in range(len(groups))]
     cfg = dataclasses.replace(cfg, device="cpu", epochs=1, batch_size=min(cfg.batch_size, len(tiny.train)), compile=False)
@@ -285,10 +286,11 @@ def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, a
             d = Distiller(net, method, tiny, teachers=bank if method.needs_teachers else None, cfg=cfg, progress=False,
                           tasks=am.tasks if am is not None else None)
             d.setup(); d.train_step(next(iter(d.train_dl)))
-        except Exception as e:
+        except (ValueError, TypeError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"--methods {label} cannot train with teachers {','.join(teachers)} and student {student}: "
                              f"{first}") from None
+        except Exception: pass   # a failure while training: the study records it beside the runs that work
         finally: torch.random.set_rng_state(state)
 
 # %% ../nbs/90_cli.ipynb #909b6b2c
