@@ -382,7 +382,7 @@ class DeviceLoader:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != C or len(std) != C:
             raise ValueError(f"mean and std need one value per channel ({C}), got {len(mean)} and {len(std)}")
-        if not all(math.isfinite(s) and s > 0 for s in std): raise ValueError(f"std must be finite and > 0, got {std}")
+        if not all(math.isfinite(s) and s > 0 for s in std): raise ValueError(f"std must be > 0 and finite, got {std}")
         if not all(math.isfinite(m) for m in mean): raise ValueError(f"mean must be finite, got {mean}")
         self.drop_last = train if drop_last is None else bool(drop_last)
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:

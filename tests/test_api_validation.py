@@ -67,7 +67,7 @@ DATA = [
                                ["a", "b"], (0.5,), (0.25,), 0, False, "test"), ValueError, ["test labels", "got 5"]),
     ("DeviceLoader with std = inf",
      lambda: data.DeviceLoader(data.Split(DATA_X, torch.zeros(6).long()), 2, train=False, mean=(0.5,), std=(float("inf"),)),
-     ValueError, ["std must be finite and > 0", "inf"]),
+     ValueError, ["std must be > 0 and finite", "inf"]),
     ("DeviceLoader with a NaN mean",
      lambda: data.DeviceLoader(data.Split(DATA_X, torch.zeros(6).long()), 2, train=False, mean=(float("nan"),), std=(0.2,)),
      ValueError, ["mean must be finite", "nan"]),
