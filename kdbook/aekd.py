@@ -45,6 +45,10 @@ def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch 
                               C: float, # the cap, in [1/M, 1]
                              ) -> Tensor: # the projections `[..., M]` onto {Σα = 1, 0 ≤ α ≤ C}
     "Euclidean projection of each row of `v` onto the capped simplex, by the breakpoints of $\\tau \\mapsto \\sum_m \\mathrm{clip}(v_m - \\tau, 0, C)$."
+    M = v.shape[-1] if v.dim() else 0
+    if M == 0: raise ValueError(f"v must have M >= 1 coordinates in its last dimension, got shape {tuple(v.shape)}")
+    if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) or not 1 / M - 1e-12 <= C <= 1 + 1e-12:
+        raise ValueError(f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M}, got C={C!r} (below 1/M no point sums to 1)")
     bp = torch.cat([v, v - C], -1)
     s = (v[..., None, :] - bp[..., :, None]).clamp(0, C).sum(-1)          # s(τ) at every breakpoint τ
     big, tol = torch.finfo(v.dtype).max, 4 * v.shape[-1] * torch.finfo(v.dtype).eps   # tol: rounding in the sums
@@ -118,6 +122,7 @@ def _active_set(G: Tensor, a: Tensor, w: Tensor, C: float, max_iter: int, stop: 
 # %% ../nbs/10_aekd.ipynb #c793a2dc
 def _check_cap(C, M: int) -> float:
     "C as a float, or a ValueError naming C, M and the allowed range [1/M, 1]."
+    if M < 1: raise ValueError(f"there must be at least one teacher (M >= 1), got M={M}")
     if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) or not (1 / M - 1e-12 <= C <= 1 + 1e-12):
         raise ValueError(f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M} teachers, got C={C!r}")
     return min(max(float(C), 1 / M), 1.0)
@@ -262,6 +267,9 @@ def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
                  **solver, # passed to `capped_simplex_min_norm` (e.g. a warm start `a0`)
                 ) -> Tensor: # weights `[M]`, or `[M, B]` for gram="sample"
     "AE-KD's teacher weights: the capped min-norm point for the Gram of the logit gradients of Eq. 14."
+    if t_logits.dim() != 3 or t_logits.shape[1:] != s_logits.shape or len(t_logits) == 0:
+        raise ValueError(f"t_logits must have shape [M, {', '.join(map(str, s_logits.shape))}] with M >= 1 teachers "
+                         f"(s_logits is {tuple(s_logits.shape)}), got {tuple(t_logits.shape)}")
     G = logit_gram(kd_logit_grad(upcast(s_logits), upcast(t_logits), T), gram, sync)   # the student's [B, K] broadcasts
     a = capped_simplex_min_norm(G, C, check=check, **solver)
     return a.T if gram == "sample" else a

@@ -6,17 +6,18 @@ Docs: https://kdbook.github.io/kdbook/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #0633cf3c
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import argparse, dataclasses, html, json, os, sys, time
+import argparse, dataclasses, html, json, os, re, signal, sys, threading, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
-from .models import MODELS
+from .data import DATASETS, DatasetNotFoundError, cache_dir, find_dataset, load_dataset
+from .models import MODELS, infer_public_arch, load_public_state_dict, create_model
 from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
-from .learner import TrainConfig, atomic_write_text, check_method_param, registered_methods, resolve_device
+from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text, check_method_param,
+                            registered_methods, resolve_device)
 from .study import NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers, with_normalization
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
@@ -24,7 +25,8 @@ from .mec import memory_data
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_METHODS', 'EXPERT_METHODS', 'RECIPES', 'BOOK_URL', 'Preset', 'Recipe', 'build_parser',
-           'preset_study', 'format_table', 'report_figures', 'write_report', 'data_report', 'bench_report', 'main']
+           'preset_study', 'format_table', 'report_figures', 'write_report', 'data_report', 'bench_report',
+           'Terminated', 'main']
 
 # %% ../nbs/90_cli.ipynb #52a7df02
 @dataclasses.dataclass
@@ -80,6 +82,11 @@ def _names(value: str, valid, what: str) -> list:
     if bad: raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
     return names
 
+def _one_model(value: str) -> str:
+    names = _names(value, MODELS, "model")
+    if len(names) > 1: raise argparse.ArgumentTypeError(f"one student architecture, got {len(names)}: {', '.join(names)}")
+    return names[0]
+
 def _positive_int(value: str) -> int:
     try: v = int(value)
     except ValueError: v = 0
@@ -111,7 +118,7 @@ def _run_parser(sub) -> None:
     r.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default: digits, embedded)")
     r.add_argument("--teachers", type=lambda v: _names(v, MODELS, "model"),
                    help=f"comma-separated teacher architectures (default: the preset's; digits: {','.join(d.teachers)})")
-    r.add_argument("--student", type=lambda v: _names(v, MODELS, "model")[0],
+    r.add_argument("--student", type=_one_model,
                    help=f"student architecture (default: the preset's; digits: {d.student})")
     r.add_argument("--methods", type=lambda v: _names(v, registered_methods(), "method"),
                    help=f"comma-separated methods, from the registry: {', '.join(registered_methods())} "
@@ -168,18 +175,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/90_cli.ipynb #160c468c
-def _output_folder(out) -> Path:
+def _check_device(device: str) -> str:
+    "`device` if this machine has it: auto, cpu, mps, cuda or cuda:N (other names are TrainConfig's to refuse), else a ValueError."
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: this machine has no MPS (Apple GPU) device; use cpu or auto")
+    if not device.startswith("cuda"): return device
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None: raise ValueError(f"--device {device!r} is malformed: expected cuda or cuda:N with N a GPU index (e.g. cuda:0)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
+    if m[1] is not None and int(m[1]) >= (n := torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: this machine has {n} CUDA device(s): cuda:0 to cuda:{n - 1}")
+    return device
+
+def _output_folder(out, flag: str = "--out") -> Path:
     "`out` as a folder that exists and can be written, or a ValueError saying why not."
+    if out is None or not str(out).strip(): raise ValueError(f"{flag} is empty: give the folder to write into")
     out = Path(out)
     for p in [out, *out.parents]:
         if p.exists() and not p.is_dir():
-            raise ValueError(f"--out {out}: {p} is a file, not a folder" + ("" if p == out else f" (it is under {p})"))
+            raise ValueError(f"{flag} {out}: {p} is a file, not a folder" + ("" if p == out else f" (it is under {p})"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".kdbook-write-test-{os.getpid()}"
         probe.write_text(""); probe.unlink()
-    except OSError as e: raise ValueError(f"--out {out} cannot be written: {e.strerror or e}") from None
+    except OSError as e: raise ValueError(f"{flag} {out} cannot be written: {e.strerror or e}") from None
     return out
+
+def _cache_folder(path: Path) -> None:
+    "A ValueError unless the teacher cache `path` is a folder that can be created and written (nothing is created here)."
+    what = f"the teacher cache (KDBOOK_CACHE) {path}"
+    for p in [path, *path.parents]:
+        if not p.exists(): continue
+        if not p.is_dir(): raise ValueError(f"{what}: {p} is a file, not a folder" + ("" if p == path else f" (it is under {p})"))
+        if not os.access(p, os.W_OK | os.X_OK): raise ValueError(f"{what} cannot be written: {p} is read-only")
+        return
 
 def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "key", "test_top1", "cached", "weights") if k in t.info}
 
@@ -191,6 +221,10 @@ def _check_methods(methods, settings, experts, memory, n_teachers: int) -> tuple
     methods = list(methods or (EXPERT_METHODS if experts else DEFAULT_METHODS))
     method_factories(methods, kwargs)
     if memory and not experts: raise ValueError(f"--memory {memory} selects exemplars under each expert: it needs --experts N")
+    registry = registered_methods()
+    grouped = [m for m in methods if getattr(registry[m], "amalgamation", False)]
+    if grouped and not experts:
+        raise ValueError(f"{', '.join(map(repr, grouped))} amalgamates experts over class groups: it needs --experts N")
     if experts:
         registry = registered_methods()
         flat = [m for m in methods if not getattr(registry[m], "amalgamation", False)]
@@ -223,18 +257,17 @@ def _load_everywhere(data: str):
     return ds if current().is_main else load_dataset(data)
 
 def _check_teacher_weights(teachers, weights, experts, pre: Preset) -> list:
-    "The teachers' architectures: the flag's, the preset's, or, with checkpoint files, one per file (None: from the file)."
+    "The teachers' architectures: the flag's, the preset's, or, with checkpoint files, one per file (read from the file)."
     if not weights: return list(teachers or pre.teachers)
     if experts: raise ValueError("--teacher-weights loads teachers over all the classes; it does not combine with --experts")
     missing = [w for w in weights if not Path(w).is_file()]
     if missing: raise ValueError(f"--teacher-weights: no such file: {', '.join(missing)}")
     if teachers and len(teachers) != len(weights):
         raise ValueError(f"--teacher-weights gives {len(weights)} file(s) but --teachers names {len(teachers)}: one per file")
-    return list(teachers) if teachers else [None] * len(weights)
+    return list(teachers) if teachers else [infer_public_arch(load_public_state_dict(w)) for w in weights]
 
-def _teachers_and_data(ds, teachers, experts, memory, tcfg, log, weights=None) -> tuple:
-    "Train or load the teachers (experts over class groups with `experts`); the training data (the exemplar memory with `memory`)."
-    am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
+def _teachers_and_data(ds, teachers, am, memory, tcfg, log, weights=None) -> tuple:
+    "Train or load the teachers (experts over the class groups of the `Amalgamation` `am`); the training data (the exemplar memory with `memory`)."
     if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):
         raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {ds.name}")
     log(f"data: {ds.name} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
@@ -253,26 +286,54 @@ def _teachers_and_data(ds, teachers, experts, memory, tcfg, log, weights=None) -
         f"{len(train_ds.train) // (memory * ds.n_classes)} passes per epoch")
     return am, tnets, info, train_ds
 
+# %% ../nbs/90_cli.ipynb #e6b9d4f2
+def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, am) -> None:
+    """One training step of every method, on the CPU, on a few images, with untrained teachers of the chosen architectures
+    (experts over their class groups with `am`): a combination a method refuses (its ValueError or TypeError) fails here,
+    before anything trains; any other failure is left to the study, which records it."""
+    tiny = ds.subset(n_train=min(2 * ds.n_classes, len(ds.train)), n_test=min(ds.n_classes, len(ds.test)))
+    groups = am.tasks if am is not None else [None] * len(teachers)
+    archs = [teachers[m % len(teachers)] for m in range(len(groups))]
+    cfg = dataclasses.replace(cfg, device="cpu", epochs=1, batch_size=min(cfg.batch_size, len(tiny.train)), compile=False)
+    for label, make in makers.items():
+        method, state = make(), torch.random.get_rng_state()
+        try:
+            torch.manual_seed(0)
+            bank = [create_model(a, ds.n_classes if g is None else len(g), ds.in_channels) for a, g in zip(archs, groups)]
+            net = create_model(student, ds.n_classes, ds.in_channels)
+            d = Distiller(net, method, tiny, teachers=bank if method.needs_teachers else None, cfg=cfg, progress=False,
+                          tasks=am.tasks if am is not None else None)
+            d.setup(); d.train_step(next(iter(d.train_dl)))
+        except (ValueError, TypeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--methods {label} cannot train with teachers {','.join(teachers)} and student {student}: "
+                             f"{first}") from None
+        except Exception: pass   # a failure while training: the study records it beside the runs that work
+        finally: torch.random.set_rng_state(state)
+
 # %% ../nbs/90_cli.ipynb #909b6b2c
 def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
                  fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print,
                  teacher_weights=None, normalization=None) -> dict:
-    "`kdbook run`: the preset (flags override), every input checked, teachers trained or loaded, then `run_study`."
+    "`kdbook run`: the preset (flags override), every input and combination checked, teachers trained or loaded, then `run_study`."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre = PRESETS[data]
     teachers, student = _check_teacher_weights(teachers, teacher_weights, experts, pre), student or pre.student
     methods, kwargs = _check_methods(methods, settings, experts, memory, len(teachers))
-    for a in [t for t in teachers if t is not None] + [student]:
+    for a in teachers + [student]:
         if a not in MODELS: raise ValueError(f"unknown model {a!r}; valid: {', '.join(MODELS)}")
     normalization = normalization or ("repdistiller" if teacher_weights and data == "cifar100" else "dataset")
     scfg, tcfg = _train_configs(pre, recipe, student, epochs, teacher_epochs, batch_size, lr, device, experts)
-    dev, out = resolve_device(scfg.device), _output_folder(out)
+    dev, out = resolve_device(_check_device(scfg.device)), _output_folder(out)
+    _cache_folder(cache_dir("teachers"))
     threads, saved = threads or pre.threads, torch.get_num_threads()
     if threads and dev.type == "cpu": torch.set_num_threads(threads)
     try:
         ds = with_normalization(_load_everywhere(data), normalization)
-        am, tnets, info, train_ds = _teachers_and_data(ds, teachers, experts, memory, tcfg, log, teacher_weights)
+        am = Amalgamation.split(ds, experts) if experts else None   # refused here, before anything is printed or trained
+        if not current().active: _dry_run(ds, teachers, student, method_factories(methods, kwargs), scfg, am)
+        am, tnets, info, train_ds = _teachers_and_data(ds, teachers, am, memory, tcfg, log, teacher_weights)
         res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
                         out=out, fresh=fresh, on_error="record", log=log, tasks=am.tasks if am else None,
                         extra={"teachers": info, "teacher_cfg": None if teacher_weights else tcfg.to_dict(),
@@ -363,36 +424,58 @@ def bench_report(device: str = "auto", peer: bool = False) -> str:
     return format_benchmarks(run_benchmarks(device=device))
 
 # %% ../nbs/90_cli.ipynb #b926803a
+class Terminated(KeyboardInterrupt):
+    "SIGTERM (what `timeout`, schedulers and `kill` send), raised where the run is, like Ctrl-C."
+
+def _raise_terminated(signum, frame): raise Terminated()
+
+def _study_from_args(args, d) -> dict:
+    quiet = lambda *a, **k: None
+    return preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
+                        args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
+                        args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
+                        log=print if d.is_main else quiet,
+                        teacher_weights=args.teacher_weights, normalization=args.normalization)
+
+def _run_command(args) -> tuple:
+    "(exit code, results or None, process group): bad input is exit 2, a file that cannot be written or a diverging teacher exit 1."
+    try:   # under torchrun: join the process group; every rank trains, rank 0 alone prints and writes
+        _check_device(args.device)
+        d = init_distributed(args.backend, args.device, args.lr_rule, sync_bn=args.sync_bn)
+    except ValueError as e:
+        print(f"kdbook: error: {e}", file=sys.stderr); return 2, None, None
+    finished, main_thread = False, threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        res, finished = _study_from_args(args, d), True
+        return 0, res, d
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kdbook: error: {e}", file=sys.stderr); return 2, None, d
+    except (WriteError, NonFiniteLossError) as e:   # a full disk, a read-only file; a teacher whose loss became NaN
+        print(f"kdbook: error: {e}", file=sys.stderr); return 1, None, d
+    except KeyboardInterrupt as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\nkdbook: {what}; finished runs are kept in {Path(args.out) / 'results.json'}: "
+              "run the same command again to resume", file=sys.stderr)
+        return code, None, d
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, old)
+        shutdown(wait=finished)   # after a failure the other ranks may never arrive: leave without waiting
+
 def main(argv=None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
     if args.command == "data": print(data_report()); return 0
     if args.command == "bench":
-        try: print(bench_report(args.device, peer=args.peer))
+        try: print(bench_report(_check_device(args.device), peer=args.peer))
+        except ValueError as e: print(f"kdbook: error: {e}", file=sys.stderr); return 2
         except ImportError as e:
             if not args.peer: raise
             print(f"kdbook: error: {e}", file=sys.stderr); return 2   # torchdistill missing: how to install it
         return 0
     t0 = time.perf_counter()
-    try:   # under torchrun: join the process group; every rank trains, rank 0 alone prints and writes
-        d = init_distributed(args.backend, args.device, args.lr_rule, sync_bn=args.sync_bn)
-    except ValueError as e:
-        print(f"kdbook: error: {e}", file=sys.stderr); return 2
-    quiet, finished = (lambda *a, **k: None), False
-    try:
-        res = preset_study(args.data, args.teachers, args.student, args.methods, args.epochs, args.teacher_epochs,
-                           args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
-                           args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
-                           log=print if d.is_main else quiet,
-                           teacher_weights=args.teacher_weights, normalization=args.normalization)
-        finished = True
-    except (ValueError, FileNotFoundError) as e:
-        print(f"kdbook: error: {e}", file=sys.stderr); return 2
-    except KeyboardInterrupt:
-        print(f"\nkdbook: interrupted; finished runs are kept in {Path(args.out) / 'results.json'}: "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    finally: shutdown(wait=finished)   # after a failure the other ranks may never arrive: leave without waiting
+    code, res, d = _run_command(args)
+    if res is None: return code
     if not d.is_main: return 1 if any(r["failed"] for r in res["summary"]) else 0
     print()
     print(format_table(res["summary"]))

@@ -74,10 +74,17 @@ def soft_cross_entropy(student_logits: Tensor, # student logits `[..., K]`
                        target_probs: Tensor, # target distribution `[..., K]` (rows sum to 1)
                        T: float = 1.0, # temperature applied to the student's logits
                        reduction: str = "batchmean", # "batchmean" | "sum" | "none"
+                       check: bool = True, # refuse rows that are no distribution (reads them back to the host)
                       ) -> Tensor:
     "Cross-entropy $-\\sum_i q_i \\log p_i^T(z)$ of the softened student against a target distribution $q$ (Eq. 2), no $T^2$."
     if target_probs.shape != student_logits.shape:
         raise ValueError(f"target_probs must have the student's shape {tuple(student_logits.shape)}, got {tuple(target_probs.shape)}")
+    if check and target_probs.numel():
+        q = target_probs.detach()
+        low, off = q.min().item(), (q.double().sum(-1) - 1).abs().max().item()
+        if not (low >= 0 and off <= 1e-3):   # NaN fails too
+            raise ValueError(f"target_probs must be probabilities (each >= 0, each row summing to 1), got min {low:.4g} and "
+                             f"a row sum off 1 by {off:.4g}")
     return _reduce(-(target_probs * log_softmax_t(student_logits, T)).sum(-1), reduction)
 
 # %% ../nbs/00_core.ipynb #f6dff887
@@ -105,11 +112,16 @@ def kd_logit_grad(student_logits: Tensor, # student logits `[..., K]`
                  ) -> Tensor: # per-sample gradient `[..., K]`
     """Closed-form gradient of the *unscaled* cross-entropy, $\\partial \\mathcal{H}(p^T(z), p^T(v))/\\partial z = (p^T(z) - p^T(v))/T$,
     per sample (Eq. 4, the scale of AE-KD Eq. 14); the gradient of `kd_loss`, which carries $T^2$, is $T^2$ times it."""
+    if teacher_logits.shape != student_logits.shape and teacher_logits.shape[1:] != student_logits.shape:
+        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, or [M, "
+                         f"{', '.join(map(str, student_logits.shape))}] for M teachers, got {tuple(teacher_logits.shape)}")
     return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / check_temperature(T)
 
 # %% ../nbs/00_core.ipynb #c75d80fe
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     "$\\lVert z - v \\rVert^2 / (2K)$ per sample: the $T\\to\\infty$ limit of $T^2$·KD for zero-mean logits (Eq. 5)."
+    if teacher_logits.shape != student_logits.shape:   # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
+        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     return (student_logits - teacher_logits).pow(2).sum(-1) / (2 * student_logits.shape[-1])
 
 # %% ../nbs/00_core.ipynb #f4e2667a
@@ -125,6 +137,7 @@ def multi_teacher_kd_loss(student_logits: Tensor, # student logits `[B, K]` (any
         raise ValueError(f"teacher_logits_stack must have shape [M, {', '.join(map(str, student_logits.shape))}], "
                          f"got {tuple(teacher_logits_stack.shape)}")
     M = teacher_logits_stack.shape[0]
+    if M == 0: raise ValueError(f"teacher_logits_stack holds no teacher (shape {tuple(teacher_logits_stack.shape)}): M must be >= 1")
     w = torch.full((M,), 1.0 / M, device=student_logits.device, dtype=student_logits.dtype) if weights is None else weights
     w = _check_weights(w, teacher_logits_stack, check)
     per_teacher = kd_loss(student_logits.expand_as(teacher_logits_stack), teacher_logits_stack, T, "none")

@@ -44,6 +44,7 @@ class Split:
             raise ValueError(f"x must be uint8 [N, C, H, W], got {self.x.dtype} {tuple(self.x.shape)}")
         if self.y.dtype != torch.int64 or self.y.shape != self.x.shape[:1]:
             raise ValueError(f"y must be int64 [N={len(self.x)}], got {self.y.dtype} {tuple(self.y.shape)}")
+        if len(self.y) and (low := int(self.y.min())) < 0: raise ValueError(f"y must hold class indices >= 0, got {low}")
 
     def __len__(self) -> int: return len(self.y)
 
@@ -81,6 +82,12 @@ class ImageDataset:
     pad: int # default random-crop padding for training (0: no crop)
     flip: bool # default horizontal flip for training
     source: str # where it was loaded from
+
+    def __post_init__(self):   # a label past the classes would fail mid-epoch with an IndexError
+        for split, s in (("train", self.train), ("test", self.test)):
+            if len(s) and (top := int(s.y.max())) >= len(self.classes):
+                raise ValueError(f"{split} labels must be in [0, {len(self.classes) - 1}] ({len(self.classes)} classes), "
+                                 f"got {top}")
 
     @property
     def n_classes(self) -> int: return len(self.classes)
@@ -342,7 +349,11 @@ def crop_flip(x: Tensor, # uint8 or float images `[B, C, H, W]`
               pad: int, # zero padding on each side
              ) -> Tensor:
     "Per-sample random crop of the zero-padded batch and horizontal flip, in one gather."
+    if x.dim() != 4: raise ValueError(f"x must be images [B, C, H, W], got shape {tuple(x.shape)}")
     B, C, H, W = x.shape
+    for name, v in (("dy", dy), ("dx", dx), ("flip", flip)):   # shapes only: no host sync per batch
+        if v.shape != (B,): raise ValueError(f"{name} must have shape [B] = [{B}] (one per image), got {tuple(v.shape)}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0: raise ValueError(f"pad must be an int >= 0, got {pad!r}")
     xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
     Wp = W + 2 * pad
     j = torch.arange(W, device=x.device)
@@ -371,7 +382,8 @@ class DeviceLoader:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != C or len(std) != C:
             raise ValueError(f"mean and std need one value per channel ({C}), got {len(mean)} and {len(std)}")
-        if not all(s > 0 for s in std): raise ValueError(f"std must be > 0, got {std}")
+        if not all(math.isfinite(s) and s > 0 for s in std): raise ValueError(f"std must be > 0 and finite, got {std}")
+        if not all(math.isfinite(m) for m in mean): raise ValueError(f"mean must be finite, got {mean}")
         self.drop_last = train if drop_last is None else bool(drop_last)
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -559,7 +571,9 @@ def exemplar_memory(feats: Tensor, # features `[N, D]`
     "For each class, the indices of the `k` samples nearest to the class's mean feature."
     if feats.ndim != 2 or labels.shape != feats.shape[:1]:
         raise ValueError(f"feats must be [N, D] and labels [N], got {tuple(feats.shape)} and {tuple(labels.shape)}")
-    if k < 1: raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not torch.isfinite(feats).all():   # a NaN distance sorts anywhere: the exemplars would be arbitrary
+        raise ValueError(f"feats must be finite, got {int((~torch.isfinite(feats)).any(1).sum())} rows with NaN or inf")
     out = []
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().squeeze(1)

@@ -66,7 +66,11 @@ def resolve_layer(model: nn.Module, layer=None) -> nn.Module:
 # %% ../nbs/05_explain.ipynb #434f3e24
 def check_target(target, n: int, num_classes: int, device) -> Tensor:
     "`target` (an int or `n` class indices) as an int64 tensor `[n]`, or a ValueError naming the bad value and the range."
-    t = torch.as_tensor(target, device=device)
+    if target is None or isinstance(target, (str, bytes)):
+        raise ValueError(f"target must be a class index (an int) or one per image, got {target!r}")
+    try: t = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"target must be a class index (an int) or one per image, got {target!r}") from None
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"target must be class indices (integers), got dtype {t.dtype}")
     t = t.long().expand(n) if t.dim() == 0 else t.long()
@@ -143,6 +147,8 @@ def integrated_gradients(model: nn.Module, # any model (the MLPs included)
                         ) -> tuple: # (attributions `[B, C, H, W]`, captum's convergence delta `[B]`)
     "Integrated Gradients of the `target` logit along the straight path from `baseline` to `x`, through captum."
     from captum.attr import IntegratedGradients
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1 (points along the path), got {n_steps!r}")
     x, t = _prepare(model, x, target)
     with _EvalMode(model):
         attr, delta = IntegratedGradients(_Logits(model)).attribute(x, baselines=baseline, target=t, n_steps=n_steps,
@@ -189,6 +195,9 @@ def average_ranks(v: Tensor, # values `[B, N]`, ranked along the last dimension
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
     "Spearman's rank correlation of each pair of maps `[B, ...]`: the Pearson correlation of their average ranks; NaN where a map is constant."
+    if a.shape != b.shape: raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    for name, v in (("a", a), ("b", b)):   # a NaN pixel has no rank: the correlation would be a wrong number, not NaN
+        if not torch.isfinite(v).all(): raise ValueError(f"{name} must be finite maps, got NaN or inf pixels")
     ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
     den = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
@@ -198,12 +207,13 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 def top_mask(a: Tensor, top: float) -> Tensor:
     "The `top` fraction of the pixels of each map `[B, ...]` with the largest values, as a bool mask (ties go to the earlier pixel)."
     flat = a.flatten(1)
-    k = max(1, round(top * flat.shape[1]))
+    k = max(1, round(_check_top(top) * flat.shape[1]))
     order = flat.sort(dim=-1, descending=True, stable=True).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order[:, :k], True).view(a.shape)
 
 def top_iou(a: Tensor, b: Tensor, top: float = 0.1) -> Tensor:
     "Intersection over union of the `top` fractions of two maps, per image `[B]`."
+    if a.shape != b.shape: raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     ma, mb = top_mask(a, top).flatten(1), top_mask(b, top).flatten(1)
     return (ma & mb).sum(-1) / (ma | mb).sum(-1)
 

@@ -23,11 +23,13 @@ from .dist import all_gather_objects, all_reduce, all_reduce_grads, barrier, bro
 from .models import ModelOut, TeacherBank, TeacherOut
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'METHOD_PLUGINS', 'TrainConfig', 'learning_rate', 'method_params', 'Method',
-           'load_method_plugins', 'registered_methods', 'register_method', 'check_method_param', 'make_method',
-           'topk_correct', 'task_accuracy', 'atomic_write_text', 'atomic_write_dir', 'optimizer_to_safetensors',
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'METHOD_PLUGINS', 'notices', 'TrainConfig', 'learning_rate', 'method_params',
+           'Method', 'load_method_plugins', 'registered_methods', 'register_method', 'check_method_param',
+           'make_method', 'topk_correct', 'task_accuracy', 'WriteError', 'atomic_write_text', 'write_safetensors',
+           'atomic_write_dir', 'remove_stale_temporaries', 'exclusive', 'set_aside', 'optimizer_to_safetensors',
            'optimizer_from_safetensors', 'Callback', 'format_record', 'ProgressCallback', 'LivePlotCallback',
-           'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller', 'CheckpointCallback']
+           'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller', 'UnreadableCheckpoint',
+           'CheckpointCallback']
 
 # %% ../nbs/03_learner.ipynb #594c6f90
 OPTIMIZERS = ("sgd", "adam")
@@ -211,6 +213,21 @@ def task_accuracy(scores: Tensor, y: Tensor, tasks: Sequence[Tensor],
     return out
 
 # %% ../nbs/03_learner.ipynb #cf187707
+import contextlib, errno, logging, re
+from filelock import FileLock, Timeout
+from safetensors.torch import save as safetensors_bytes
+
+notices = logging.getLogger("kdbook")   # one line each on stderr: a file set aside, a lock waited for
+
+class WriteError(OSError):
+    "A file could not be written (a full disk, a read-only or immutable file): the message names the path and the bytes."
+    def __init__(self, path, err: OSError, nbytes: int | None = None):
+        need = f" ({nbytes:,} bytes to write)" if nbytes else ""
+        self.path, self.reason = Path(path), err.strerror or str(err)
+        super().__init__(f"cannot write {path}{need}: {self.reason}")
+        self.errno = err.errno
+    def __str__(self): return self.args[0]
+
 def _fsync_dir(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -220,25 +237,100 @@ def _fsync_dir(path: Path):
 
 def atomic_write_text(path, text: str) -> Path:
     "Write `text` to `path` so that a reader sees the old file or the new one, never a partial one."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path, data = Path(path), text.encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path); _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
+        raise WriteError(path, e, len(data)) from None
+    _fsync_dir(path.parent)
     return path
 
-def atomic_write_dir(path, write: Callable[[Path], None]) -> Path:
-    "Fill a fresh temporary directory with `write(tmp)` and rename it to `path` (replacing an old one)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+def write_safetensors(tensors: dict, path) -> None:
+    "`safetensors` file writing through Python's own I/O, so that a full disk is an `OSError` naming the path."
+    Path(path).write_bytes(safetensors_bytes(tensors))
+
+def _rename_dir(tmp: Path, path: Path) -> None:
+    "Rename `tmp` to `path`; an old `path`, or one a concurrent writer has just put there, is renamed aside first."
+    aside = []
+    for attempt in range(100):
+        try: os.rename(tmp, path); break
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR): raise
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{attempt}")
+            with contextlib.suppress(FileNotFoundError): os.rename(path, old); aside.append(old)
+    else: raise OSError(errno.EEXIST, f"{path} was replaced 100 times by other writers while this one waited")
+    _fsync_dir(path.parent)
+    for old in aside: shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+def atomic_write_dir(path, write: Callable[[Path], None], nbytes: int | None = None) -> Path:
+    """Fill a fresh temporary directory with `write(tmp)` and rename it to `path` (replacing an old one, also one that a
+    concurrent writer put there meanwhile); on any failure the temporary directory is removed and an `OSError` becomes a
+    `WriteError` naming `path` and `nbytes`, the size to be written where the caller knows it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh: os.fsync(fh.fileno())
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path); _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh: os.fsync(fh.fileno())
+        _rename_dir(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError): raise WriteError(path, e, nbytes) from None
+        raise
     return path
+
+# %% ../nbs/03_learner.ipynb #b4e2f6a1
+_TEMPORARY = re.compile(r"\..+\.(?:tmp|old)-(\d+)(?:-\d+)?")
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True   # another user's process
+    return True
+
+def remove_stale_temporaries(folder) -> list:
+    "Remove the `.NAME.tmp-PID` and `.NAME.old-PID-N` files and folders in `folder` whose process is no longer running."
+    folder, gone = Path(folder), []
+    if os.name != "posix" or not folder.is_dir(): return gone   # elsewhere `os.kill(pid, 0)` is no liveness test
+    for p in folder.iterdir():
+        m = _TEMPORARY.fullmatch(p.name)
+        if m is None or _running(int(m[1])): continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+@contextlib.contextmanager
+def exclusive(lock_path, what: str):
+    "Hold the lock file `lock_path` for `what` (a folder or file); when another process holds it, say so in one line and wait."
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path))
+        try: lock.acquire(timeout=0)
+        except Timeout:
+            notices.warning(f"kdbook: {what} is in use by another process (lock {lock_path}); waiting for it to finish")
+            lock.acquire()
+    except OSError as e: raise WriteError(lock_path, e) from None
+    try: yield lock_path
+    finally: lock.release()
+
+def set_aside(path) -> Path:
+    "Rename an unreadable file or folder to `NAME.unreadable` (`NAME.unreadable-2`, ... if taken), keeping it for inspection."
+    path = Path(path)
+    for i in range(1, 1000):
+        aside = path.with_name(f"{path.name}.unreadable" + ("" if i == 1 else f"-{i}"))
+        if not aside.exists() and not aside.is_symlink(): break
+    os.rename(path, aside)
+    return aside
 
 # %% ../nbs/03_learner.ipynb #b303c1de
 def optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -608,73 +700,122 @@ def evaluate(self: Distiller, split: str = "test") -> dict:
     return out
 
 # %% ../nbs/03_learner.ipynb #3444fcf0
+from safetensors import SafetensorError
+
 _RESUME_MAY_DIFFER = ("device", "eval_batch_size", "compile")
+_CHECKPOINT = re.compile(r"epoch-\d{4,}")
+
+class UnreadableCheckpoint(ValueError):
+    "A checkpoint file that cannot be read back: truncated, garbled or missing."
+    def __init__(self, file, err): self.file = Path(file); super().__init__(f"{file}: {type(err).__name__}: {err}")
 
 class CheckpointCallback(Callback):
     "Atomic checkpoints in `folder` after every epoch (or every `every`), the `keep` newest kept; `restore` resumes."
     order = 10
     def __init__(self, folder, every: int = 1, keep: int = 2, resume: bool = False):
         self.folder, self.every, self.keep, self.resume = Path(folder), every, keep, resume
+        self.lock_file = self.folder.with_name(f".{self.folder.name}.lock")   # beside the folder: one writer at a time
+
+    def checkpoints(self) -> list:
+        "The checkpoint directories in `folder`, oldest first (set-aside and temporary ones excluded)."
+        if not self.folder.is_dir(): return []
+        return sorted(p for p in self.folder.iterdir() if _CHECKPOINT.fullmatch(p.name) and p.is_dir())
+
+    def _pointed(self) -> Path | None:
+        "The checkpoint directory the `latest` pointer names, if it is readable and names one."
+        try: p = self.folder / (self.folder / "latest").read_text().strip()
+        except (OSError, ValueError): return None
+        return p if _CHECKPOINT.fullmatch(p.name) and p.is_dir() else None
 
     def latest(self) -> Path | None:
-        "The directory of the newest complete checkpoint, or None."
-        pointer = self.folder / "latest"
-        if not pointer.exists(): return None
-        p = self.folder / pointer.read_text().strip()
-        return p if p.exists() else None
+        "The directory the `latest` pointer names, else the newest checkpoint directory; None if there is none."
+        return self._pointed() or (self.checkpoints() or [None])[-1]
 
     def after_epoch(self, learn):
         if (learn.epoch + 1) % self.every == 0 or learn.epoch + 1 == learn.cfg.epochs: self.save(learn)
 
     def restore(self, learn):
-        "Load the newest checkpoint into `learn` when resuming and one exists (under DDP: the one rank 0 finds)."
+        """Load the newest readable checkpoint into `learn` when resuming (under DDP: the one rank 0 finds). One that cannot
+        be read is set aside as `epoch-NNNN.unreadable` with a notice naming the file, and the one before it is tried."""
         if not self.resume: return
-        latest = broadcast_object(self.latest())
-        if latest is not None: self.load(learn, latest)
+        found = self._newest_readable(learn.dist.world_size) if learn.dist.is_main else None
+        found = broadcast_object(found)
+        if found is not None: self._apply(learn, *found)
 
 # %% ../nbs/03_learner.ipynb #e9ed0ebc
 @patch
 def save(self: CheckpointCallback, learn) -> Path:
     "Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints. Under DDP every rank "
     "calls it: the student and optimizer are the same on all ranks, each rank's method state and RNG go to `rank-R.safetensors` "
-    "(R >= 1), and rank 0 writes."
+    "(R >= 1), and rank 0 writes, holding the folder's lock."
     name, d = f"epoch-{learn.epoch + 1:04d}", learn.dist
     weights = {f"student.{k}": v.detach().contiguous().cpu() for k, v in learn.student.state_dict().items()}
     weights.update({f"method.{k}": v.detach().contiguous().cpu() for k, v in learn.method.state_dict().items()})
     opt_t, opt_rest = optimizer_to_safetensors(learn.opt)
-    rng = _rng_state(learn.device)
-    per_rank = all_gather_objects({**{k: v for k, v in weights.items() if k.startswith("method.")},
-                                   **{f"rng.{k}": v for k, v in rng.items()}}) if d.active else []
-    meta = {"epoch": learn.epoch + 1, "history": learn.history, "config": learn.cfg.to_dict(),
-            "method": learn.method.name, "optimizer": opt_rest, "format": 1, **d.to_dict()}
+    rng = {f"rng.{k}": v for k, v in _rng_state(learn.device).items()}
+    per_rank = all_gather_objects({**{k: v for k, v in weights.items() if k.startswith("method.")}, **rng}) if d.active else []
+    meta = json.dumps({"epoch": learn.epoch + 1, "history": learn.history, "config": learn.cfg.to_dict(),
+                       "method": learn.method.name, "optimizer": opt_rest, "format": 1, **d.to_dict()}, indent=1)
+    files = {"weights.safetensors": weights, "optimizer.safetensors": opt_t, "rng.safetensors": rng,
+             **{f"rank-{r}.safetensors": st for r, st in enumerate(per_rank[1:], 1)}}
+    nbytes = len(meta) + sum(v.nbytes for st in files.values() for v in st.values())
     def write(tmp):
-        save_file(weights, str(tmp / "weights.safetensors"))
-        save_file(opt_t, str(tmp / "optimizer.safetensors"))
-        save_file({f"rng.{k}": v for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        for r, st in enumerate(per_rank[1:], 1): save_file(st, str(tmp / f"rank-{r}.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for fname, st in files.items(): write_safetensors(st, tmp / fname)
+        (tmp / "meta.json").write_text(meta)
     path = self.folder / name
     if d.is_main:
-        path = atomic_write_dir(path, write)
-        atomic_write_text(self.folder / "latest", name)
-        for old in sorted(self.folder.glob("epoch-*"))[:-self.keep]: shutil.rmtree(old, ignore_errors=True)
+        with exclusive(self.lock_file, f"checkpoint folder {self.folder}"):
+            remove_stale_temporaries(self.folder)
+            path = atomic_write_dir(path, write, nbytes)
+            atomic_write_text(self.folder / "latest", name)
+            for old in self.checkpoints()[:-self.keep]: shutil.rmtree(old, ignore_errors=True)
     barrier()   # no rank runs ahead of a checkpoint that is not on disk yet
     return path
 
 # %% ../nbs/03_learner.ipynb #0cc7b08d
+def _read_checkpoint(path: Path, world_size: int) -> dict:
+    "The files of checkpoint `path`, or an `UnreadableCheckpoint` naming the first file that cannot be read."
+    blob, f = {"ranks": {}}, path / "meta.json"
+    try:
+        blob["meta"] = meta = json.loads(f.read_text())
+        for k in ("epoch", "history", "config", "optimizer"): meta[k]   # a record without them is unreadable too
+        for key in ("weights", "optimizer", "rng"):
+            f = path / f"{key}.safetensors"; blob[key] = load_file(str(f))
+        for r in range(1, world_size):
+            f = path / f"rank-{r}.safetensors"
+            if f.exists(): blob["ranks"][r] = load_file(str(f))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e: raise UnreadableCheckpoint(f, e) from None
+    return blob
+
+@patch
+def _newest_readable(self: CheckpointCallback, world_size: int):
+    "(path, files) of the newest checkpoint that reads back, setting aside each newer one that does not; None if none."
+    with exclusive(self.lock_file, f"checkpoint folder {self.folder}"):
+        remove_stale_temporaries(self.folder)
+        pointer = self.folder / "latest"
+        if (pointer.exists() or pointer.is_symlink()) and self._pointed() is None:
+            notices.warning(f"kdbook: checkpoint pointer {pointer} names no checkpoint; set aside as {set_aside(pointer)}")
+        found = self.checkpoints()
+        for i, path in reversed(list(enumerate(found))):
+            try: return path, _read_checkpoint(path, world_size)
+            except UnreadableCheckpoint as e:
+                then = "trying the one before" if i else "no readable checkpoint is left: training from the start"
+                notices.warning(f"kdbook: checkpoint file {e.file} cannot be read ({str(e).split(': ', 1)[1]}); "
+                                f"set aside as {set_aside(path)}; {then}")
+    return None
+
 @patch
 def load(self: CheckpointCallback, learn, path) -> None:
     "Restore student, method, optimizer, RNG and history from the checkpoint directory `path` (under DDP rank 0 reads it and "
-    "sends each rank its part, so the other ranks need not see the files)."
-    path, d = Path(path), learn.dist
-    blob = None
-    if d.is_main:
-        blob = {"meta": json.loads((path / "meta.json").read_text()), "weights": load_file(str(path / "weights.safetensors")),
-                "optimizer": load_file(str(path / "optimizer.safetensors")), "rng": load_file(str(path / "rng.safetensors")),
-                "ranks": {r: load_file(str(path / f"rank-{r}.safetensors")) for r in range(1, d.world_size)
-                          if (path / f"rank-{r}.safetensors").exists()}}
-    blob = broadcast_object(blob)
-    meta = blob["meta"]
+    "sends each rank its part, so the other ranks need not see the files); `UnreadableCheckpoint` names a file that cannot be read."
+    path = Path(path)
+    self._apply(learn, path, broadcast_object(_read_checkpoint(path, learn.dist.world_size) if learn.dist.is_main else None))
+
+# %% ../nbs/03_learner.ipynb #a7c1e5d2
+@patch
+def _apply(self: CheckpointCallback, learn, path: Path, blob: dict) -> None:
+    "Put the files read from checkpoint `path` into `learn`, after checking that it was written under the same settings."
+    d, meta = learn.dist, blob["meta"]
     was = {"world_size": meta.get("world_size", 1), "lr_rule": meta.get("lr_rule", "global")}
     now_d = {"world_size": d.world_size, "lr_rule": d.lr_rule}
     if was["world_size"] != now_d["world_size"] or (d.world_size > 1 and was["lr_rule"] != now_d["lr_rule"]):

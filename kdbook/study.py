@@ -7,6 +7,7 @@ Docs: https://kdbook.github.io/kdbook/study.html.md"""
 # %% ../nbs/07_study.ipynb #03dda5d0
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
 import dataclasses, hashlib, json, shutil, time, traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -15,14 +16,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import __version__
 from .data import ImageDataset, cache_dir
 from .dist import barrier, broadcast_object, current
 from .models import REPDISTILLER_CIFAR100_MEAN, REPDISTILLER_CIFAR100_STD, create_model, from_public_checkpoint
 from .models import infer_public_arch, load_public_state_dict
-from .learner import Method, TrainConfig, Distiller, atomic_write_dir, atomic_write_text, make_method
+from .learner import (Method, TrainConfig, Distiller, NonFiniteLossError, WriteError, atomic_write_dir, atomic_write_text,
+                            exclusive, make_method, notices, remove_stale_temporaries, set_aside, write_safetensors)
 
 # %% auto #0
 __all__ = ['NORMALIZATIONS', 'dataset_fingerprint', 'teacher_key', 'train_teachers', 'with_normalization', 'teacher_accuracy',
@@ -54,30 +57,56 @@ def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: st
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 # %% ../nbs/07_study.ipynb #68ba1241
+def _read_teacher(folder: Path, model: nn.Module):
+    "(weights, info) of the cache entry `folder` if it holds a teacher that fits `model`; None, with a notice, if not."
+    f = folder / "info.json"
+    try:
+        info = json.loads(f.read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("test_top1"), (int, float)):
+            raise ValueError("no teacher record (test_top1 missing)")
+        f = folder / "weights.safetensors"
+        state, want = load_file(str(f)), model.state_dict()
+        if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in want.items()}:
+            raise ValueError(f"its tensors are not those of a {type(model).__name__} of this shape")
+        return state, info
+    except (OSError, ValueError, SafetensorError) as e:
+        notices.warning(f"kdbook: cached teacher {f} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "training it again")
+        return None
+
+def _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress) -> dict:
+    "Train one teacher and write it into its cache entry `folder` (rank 0); its info record."
+    t0 = time.perf_counter()
+    try: hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
+    except NonFiniteLossError as e:   # one line naming the teacher and where it diverged
+        raise NonFiniteLossError(f"teacher {arch} (seed {seed}) diverged: {str(e).split(';')[0].split(' of method')[0]}; "
+                                 f"train it with a learning rate below {cfg.lr:g}") from None
+    info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
+            "test_top1": hist[-1]["test_top1"], "test_top5": hist[-1]["test_top5"],
+            "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    text = json.dumps(info, indent=1)
+    def write(tmp):
+        write_safetensors(state, tmp / "weights.safetensors")
+        (tmp / "info.json").write_text(text)
+    if current().is_main: atomic_write_dir(folder, write, len(text) + sum(v.nbytes for v in state.values()))
+    barrier()
+    return info
+
 def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainConfig, folder: Path, fp: str,
                            progress, verbose: bool) -> nn.Module:
     torch.manual_seed(seed)
     model = create_model(arch, data.n_classes, data.in_channels)
-    d = current()   # under DDP rank 0 looks in the cache and sends what it finds; the teacher is trained by all ranks
-    found = broadcast_object((load_file(str(folder / "weights.safetensors")), json.loads((folder / "info.json").read_text()))
-                             if d.is_main and (folder / "info.json").exists() else None)
-    if found is not None:
-        model.load_state_dict(found[0])
-        info = found[1] | {"cached": True}
-    else:
-        if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
-        t0 = time.perf_counter()
-        hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
-        info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
-                "test_top1": hist[-1]["test_top1"], "test_top5": hist[-1]["test_top5"],
-                "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        def write(tmp):
-            save_file(state, str(tmp / "weights.safetensors"))
-            (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        if d.is_main: atomic_write_dir(folder, write)
-        barrier()
-        info = info | {"cached": False}
+    d = current()   # under DDP rank 0 holds the entry's lock, looks in the cache and sends what it finds
+    lock = exclusive(folder.with_name(f".{folder.name}.lock"), f"cached teacher {folder}") if d.is_main else nullcontext()
+    with lock:   # one process trains a teacher; one that started beside it waits, then loads it
+        found = broadcast_object(_read_teacher(folder, model) if d.is_main and folder.exists() else None)
+        if found is not None:
+            model.load_state_dict(found[0])
+            info = found[1] | {"cached": True}
+        else:
+            if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
+            info = _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress) | {"cached": False}
     model.cpu().eval().info = info
     return model
 
@@ -92,6 +121,7 @@ def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequen
     base = cfg or TrainConfig(epochs=epochs)
     root = Path(cache) if cache is not None else cache_dir("teachers")
     fp = dataset_fingerprint(data)
+    remove_stale_temporaries(root)   # what processes that died while writing an entry left behind
     out = []
     for arch, seed in pairs:
         c = dataclasses.replace(base, seed=seed)
@@ -204,11 +234,37 @@ def method_factories(methods, settings: Mapping) -> dict:
         else: raise ValueError(f"method {label!r} must be a registered name, a Method class or a factory, got {spec!r}")
     return out
 
-def _finished_runs(path: Path) -> dict:
-    "The finished runs recorded in a results.json (none if there is no readable file)."
-    try: runs = json.loads(path.read_text())["runs"]
-    except (OSError, ValueError, KeyError, TypeError): return {}
-    return {k: r for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and "key" in r}
+def _finished_record(r) -> bool:
+    "A record of a finished run, with everything a reuse reads."
+    return (isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("key"), str)
+            and all(isinstance(r.get(k), (int, float)) for k in ("top1", "top5", "seconds", "seed"))
+            and isinstance(r.get("method"), str))
+
+def _results_runs(path: Path) -> dict:
+    "The finished runs in results.json; a file that cannot be read, or holds a garbled record, is set aside with a notice."
+    if not (path.exists() or path.is_symlink()): return {}
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        if not isinstance(runs, dict): raise ValueError(f"'runs' is a {type(runs).__name__}, not a mapping")
+        bad = [k for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and not _finished_record(r)]
+        if bad: raise ValueError(f"the record of {bad[0]!r} lacks a field of a finished run")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        notices.warning(f"kdbook: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); set aside as "
+                        f"{set_aside(path)}; the finished runs are read from their own records in {path.parent / 'runs'}")
+        return {}
+    return {k: r for k, r in runs.items() if _finished_record(r)}
+
+def _finished_runs(out: Path) -> dict:
+    """"label/seed" -> {key: record} of the finished runs in `out`: each run's own `record.json` (written when it
+    finished), and results.json for runs that have none."""
+    found = {}
+    for name, r in _results_runs(out / "results.json").items(): found.setdefault(name, {})[r["key"]] = r
+    for f in sorted(out.glob("runs/*/*/record.json")):
+        try: r = json.loads(f.read_text())
+        except (OSError, ValueError): r = None
+        if _finished_record(r): found.setdefault(f"{r['method']}/{r['seed']}", {})[r["key"]] = r
+        else: notices.warning(f"kdbook: run record {f} cannot be read; that run is trained again")
+    return found
 
 # %% ../nbs/07_study.ipynb #ce16170c
 def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
@@ -219,7 +275,8 @@ def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
                     "tasks": [t.tolist() for t in tasks] if tasks else None, **_dist_key()})
 
 def _train_run(label, seed, net, method, key, ctx) -> dict:
-    "Train one student; its record (a failure is recorded when `ctx['on_error']` is 'record')."
+    """Train one student; its record, also written to the run's own `record.json` (a failure is recorded when
+    `ctx['on_error']` is 'record'; a file that cannot be written stops the study)."""
     t0, out = time.perf_counter(), ctx["out"]
     run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
     rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
@@ -230,13 +287,42 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
                       progress=False, tasks=ctx["tasks"])
         last = d.fit()[-1]
-        return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"), "tasks_any": last.get("test_tasks_any"),
-                      "seconds": time.perf_counter() - t0, "reused": False, "record": method.record(),
-                      "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
+        rec |= {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"),
+                "tasks_any": last.get("test_tasks_any"), "seconds": time.perf_counter() - t0, "reused": False,
+                "record": method.record(), "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
+        if run_dir is not None and current().is_main: atomic_write_text(run_dir / "record.json", json.dumps(rec, default=str))
+        return rec
+    except WriteError: raise   # a full disk or a read-only file: every later run would fail the same way
     except Exception as e:   # KeyboardInterrupt is no Exception: it stops the study, finished runs stay on disk
         if ctx["on_error"] == "raise": raise
         return rec | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                       "seconds": time.perf_counter() - t0}
+
+# %% ../nbs/07_study.ipynb #d5a8c3e1
+def _run_all(res: StudyResult, makers: dict, student, old: dict, data_fp, teacher_fps, ctx, log) -> None:
+    "Train (or reuse) every (method, seed) run into `res`, rewriting results.json after each."
+    data, cfg, out, tasks = ctx["data"], ctx["cfg"], ctx["out"], ctx["tasks"]
+    def save():
+        if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
+    for label, make in makers.items():
+        for seed in res.config["seeds"]:
+            torch.manual_seed(seed)
+            net = create_model(student, data.n_classes, data.in_channels) if isinstance(student, str) else student()
+            method = make()
+            if not isinstance(method, Method): raise ValueError(f"method {label!r} built a {type(method).__name__}, not a Method")
+            name, key = f"{label}/{seed}", _run_key(data_fp, net, method, teacher_fps, dataclasses.replace(cfg, seed=seed), tasks)
+            prev = old.get(name, {}).get(key)
+            if prev is not None:
+                res.runs[name] = prev | {"reused": True}
+                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when trained)")
+                continue
+            if old.get(name): log(f"{label:10s} seed {seed}: settings changed since the run in {out}; training again")
+            res.runs[name] = rec = _train_run(label, seed, net, method, key, ctx)
+            if rec["status"] == "ok": res.methods[name] = method
+            log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] == "ok"
+                                                 else f"FAILED ({rec['error']})"))
+            save()
+    save()
 
 # %% ../nbs/07_study.ipynb #46d0c6f0
 def run_study(data: ImageDataset, # every student trains and is tested on it
@@ -254,7 +340,8 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               log: Callable | None = None, # e.g. `print`: one line per run
               extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
              ) -> StudyResult:
-    "Train the student alone and one student per method and seed; reuse a finished run only if every setting matches."
+    """Train the student alone and one student per method and seed; reuse a finished run only if every setting matches.
+    With `out`, the study holds the folder's lock: a second study on the same folder waits, then reuses what this one finished."""
     if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     makers = method_factories(methods, dict(settings or {}))
     if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
@@ -265,28 +352,10 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
               **current().to_dict()}   # world_size, backend, lr_rule (chapter 06)
-    # under DDP rank 0 reads the finished runs and alone writes results.json
-    old = broadcast_object({} if out is None or fresh or not current().is_main else _finished_runs(out / "results.json"))
     res = StudyResult(config, {}, extra=dict(extra or {}))
-    def save():
-        if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
-    for label, make in makers.items():
-        for seed in config["seeds"]:
-            torch.manual_seed(seed)
-            net = create_model(student, data.n_classes, data.in_channels) if isinstance(student, str) else student()
-            method = make()
-            if not isinstance(method, Method): raise ValueError(f"method {label!r} built a {type(method).__name__}, not a Method")
-            name, key = f"{label}/{seed}", _run_key(data_fp, net, method, teacher_fps, dataclasses.replace(cfg, seed=seed), tasks)
-            prev = old.get(name)
-            if prev is not None and prev["key"] == key:
-                res.runs[name] = prev | {"reused": True}
-                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when trained)")
-                continue
-            if prev is not None: log(f"{label:10s} seed {seed}: settings changed since the run in {out}; training again")
-            res.runs[name] = rec = _train_run(label, seed, net, method, key, ctx)
-            if rec["status"] == "ok": res.methods[name] = method
-            log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] == "ok"
-                                                 else f"FAILED ({rec['error']})"))
-            save()
-    save()
+    main = out is not None and current().is_main   # under DDP rank 0 holds the lock, reads the finished runs, writes
+    with exclusive(out / ".lock", f"output folder {out}") if main else nullcontext():
+        if main: remove_stale_temporaries(out)
+        old = broadcast_object(_finished_runs(out) if main and not fresh else {})
+        _run_all(res, makers, student, old, data_fp, teacher_fps, ctx, log)
     return res

@@ -1,5 +1,5 @@
 "The `kdbook` command end to end: bad input, a short study, the report in a real browser, failures kept apart."
-import json, os, shutil, signal, subprocess, sys, time
+import json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
@@ -209,3 +209,71 @@ def test_a_method_from_an_installed_package_runs_from_the_command(tmp_path):
     assert res["runs"]["aver/0"]["status"] == "ok"                      # the book's methods are still found beside it
     broken = kdbook("run", "--methods", "nope", "--out", str(tmp_path / "o2"), env=env)
     assert broken.returncode == 2 and "tempered_ce" in broken.stderr    # the error lists the plugin's method too
+
+
+def _combination_inputs(tmp):
+    "Bad combinations and values `kdbook run` and `kdbook bench` refuse before anything trains: (arguments, key part)."
+    (tmp / "cache_file").write_text("x")
+    rows = [
+        (["run", "--device", "cuda:abc"], "--device 'cuda:abc' is malformed: expected cuda or cuda:N"),
+        (["run", "--device", "cuda:"], "--device 'cuda:' is malformed"),
+        (["run", "--student", "mlp_tiny,cnn_small"], "one student architecture, got 2: mlp_tiny, cnn_small"),
+        (["run", "--out", ""], "--out is empty: give the folder to write into"),
+        (["run", "--out", "  "], "--out is empty"),
+        (["run", "--methods", "ka"], "'ka' amalgamates experts over class groups: it needs --experts N"),
+        (["run", "--methods", "aver,cfl"], "'cfl' amalgamates experts over class groups: it needs --experts N"),
+        (["run", "--methods", "aekd", "--teachers", "mlp"],
+         "--methods aekd cannot train with teachers mlp and student mlp_tiny: C must be in [1/M, 1] = [1, 1] for M=1"),
+        (["bench", "--device", "cuda:abc"], "--device 'cuda:abc' is malformed"),
+        (["run", "--env-cache-file"], "the teacher cache (KDBOOK_CACHE)"),
+    ]
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        rows.append((["run", "--device", "mps"], "--device mps: this machine has no MPS (Apple GPU) device"))
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n: rows.append((["bench", "--device", f"cuda:{n}"], f"this machine has {n} CUDA device(s)"))
+    else:
+        rows.append((["bench", "--device", "cuda:7"], "--device cuda:7: CUDA is not available on this machine"))
+        rows.append((["run", "--device", "cuda:1"], "--device cuda:1: CUDA is not available on this machine"))
+    return rows
+
+
+def test_every_bad_combination_is_one_line_exit_2_before_anything_trains(tmp_path, monkeypatch, capsys):
+    "Devices that are not there or malformed, one student, an empty --out, a method/teacher/expert combination that cannot "
+    "train, a cache that is a file: each refused with one line, exit 2, nothing trained, no traceback."
+    for args, msg in _combination_inputs(tmp_path):
+        cache = tmp_path / ("cache_file" if "--env-cache-file" in args else "cache")
+        monkeypatch.setenv("KDBOOK_CACHE", str(cache))
+        args = [a for a in args if a != "--env-cache-file"]
+        argv = args + ([] if "--out" in args or args[0] != "run" else ["--out", str(tmp_path / "out")])
+        try: code = cli.main(argv)
+        except SystemExit as e: code = e.code
+        out, err = capsys.readouterr()
+        assert code == 2, (args, code, err)
+        lines = [l for l in err.splitlines() if l.strip() and not l.startswith("usage:") and not l.startswith(" ")]
+        assert len(lines) == 1 and msg in lines[0], (args, err)
+        assert "training" not in out and "top-1" not in out, (args, out)
+    assert not (tmp_path / "cache" / "teachers").exists() and not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_diverging_teacher_stops_with_one_line_naming_it_and_the_epoch(env, tmp_path):
+    r = kdbook("run", "--lr", "1e30", "--methods", "aver", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1",
+               "--out", str(tmp_path / "out"), env=env)
+    assert r.returncode == 1, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"teacher mlp \(seed 0\) diverged: the loss became NaN or inf at epoch 1, step \d+", lines[0]), lines
+    assert not (tmp_path / "out" / "runs").exists()                  # no student trained against it
+
+
+def test_sigterm_stops_cleanly_says_how_to_resume_and_exits_143(env, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from kdbook.cli import main; sys.exit(main())", "run",
+                          "--epochs", "200", "--teacher-epochs", "2", "--seeds", "1", "--methods", "aver", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not list((out / "runs").glob("ce/*/checkpoints/latest")) and time.time() < deadline: time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, (p.returncode, stderr)
+    assert "Traceback" not in stderr and "terminated (SIGTERM)" in stderr and "run the same command again to resume" in stderr
+    assert list((out / "runs").glob("ce/*/checkpoints/epoch-*")), "the stopped run's checkpoints were kept"
