@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 
 from .core import check_choice, check_int, check_nonneg, check_temperature, upcast
 from .data import DeviceLoader, median_times
-from .models import ModelOut, conv_bn_relu, create_model, global_pool
+from .models import ModelOut, ZooModel, conv_bn_relu, create_model, global_pool
 from .learner import Distiller, Method, TrainConfig, register_method
 from .baselines import KD, check_teacher_index
 from .dist import all_reduce, current
@@ -25,7 +26,7 @@ __all__ = ['ABLATIONS', 'PROTOTYPES', 'TEACHER_GATES', 'PAPER_RESULTS', 'log_exp
            'Bottleneck', 'prototype_mlp', 'teacher_probs', 'class_prototypes', 'dataset_prototypes', 'elbo_terms',
            'posterior', 'elbo', 'mixture_scores', 'log_matmul_exp', 'shared_expert_log_likelihood',
            'shared_mixture_scores', 'teacher_gate_kl', 'srrl_objective', 'SRRL', 'MixtureKD', 'MoEKD', 'MoEKDEnsemble',
-           'moekd_memory', 'moekd_speed']
+           'moekd_memory', 'moekd_speed', 'ProjectedStudent', 'deployed_cost', 'moekd_deployed']
 
 # %% ../nbs/11_moekd.ipynb #465dad85
 def log_expert_likelihood(expert_logits: Tensor, # each expert's logits `[B, K, C]`
@@ -498,3 +499,37 @@ PAPER_RESULTS = {   # MoE-KD paper, CIFAR-100 top-1 (%) means over 5 runs; Image
     "table4": {("wrn_40_2", "wrn_40_1"): {"(i)": 73.87, "(ii)": 74.43, "(iii)": 74.66, "(iv)": 74.95, "(v)": 74.79, "full": 75.21},
                ("ResNet50", "MobileNetV2"): {"(i)": 69.28, "(ii)": 70.62, "(iii)": 70.65, "(iv)": 71.16, "(v)": 70.94, "full": None}},
 }
+
+# %% ../nbs/11_moekd.ipynb #a27d0e14
+class ProjectedStudent(ZooModel):
+    "A plain student of MoE-KD's deployed size: the student's stages, 𝒢's three convolutions, a linear head."
+    def __init__(self, arch: str,         # the student's zoo architecture
+                 num_classes: int,        # C
+                 in_channels: int,        # the images' channels
+                 d_teacher: int,          # d_T: 𝒢's output width, the classifier's input
+                 factor: int = 2):        # 𝒢's bottleneck, as `MoEKD(factor=...)`
+        super().__init__()
+        base = create_model(arch, num_classes, in_channels)
+        g_body = Bottleneck(base.classifier.in_features, check_int("d_teacher", d_teacher, 1),
+                            check_int("factor", factor, 1)).body
+        self.stages = nn.ModuleList([*base.stages, g_body])
+        self.classifier = nn.Linear(d_teacher, num_classes)
+
+def deployed_cost(predict,             # the deployed predictor: images -> class scores
+                  modules,             # the modules it holds (each parameter counted once)
+                  x: Tensor,           # one input image, `[1, ...]`
+                  constants: int = 0,  # numbers it stores besides parameters (MoE-KD's expert biases, K·C)
+                 ) -> dict:
+    "Parameters (and stored constants) and multiply-adds per image of a deployed model (FlopCounterMode / 2)."
+    if x.shape[0] != 1: raise ValueError(f"x must hold one image, got a batch of {x.shape[0]}")
+    sizes = {id(p): p.numel() for m in modules for p in m.parameters()}
+    with torch.no_grad(), FlopCounterMode(display=False) as count: predict(x)
+    return {"params": sum(sizes.values()) + constants, "macs": count.get_total_flops() // 2}
+
+def moekd_deployed(method: MoEKD, student) -> tuple:
+    "MoE-KD as deployed: (predict, modules, constants); student, 𝒢, g^T run per image, b = W^T Ψ(μ) stored."
+    with torch.no_grad(): b = method.expert_biases()
+    def predict(x: Tensor) -> Tensor:
+        s = student(x)
+        return shared_mixture_scores(method.gate_logits(s), s.logits, b)
+    return predict, [student, method.projector, method.gate_head], b.numel()

@@ -126,3 +126,46 @@ def test_cli_runs_the_single_teacher_methods(tmp_path, cli_data):
         assert run["status"] == "ok" and 0 < run["top1"] <= 100, run
     assert res["runs"]["moekd/0"]["hparams"]["teacher"] == 0
     assert len(res["runs"]["moekd_multi/0"]["record"]["teacher_responsibility"]) == 3
+
+
+def _conv_bn_relu_by_hand(x, block):
+    "One `conv_bn_relu` block from its weights, float64: 'same' convolution, BN (running statistics), ReLU."
+    conv, bn = block[0][0], block[0][1]
+    y = F.conv2d(x, conv.weight.double(), stride=conv.stride, padding=conv.weight.shape[-1] // 2)
+    scale = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))[:, None, None]
+    return torch.relu((y - bn.running_mean.double()[:, None, None]) * scale + bn.bias.double()[:, None, None])
+
+
+def test_the_gate_and_the_expert_biases_against_a_direct_construction():
+    """Eq. 5: the gate is the teacher's classifier g^T on 𝒢(the student's last feature map).
+    Eq. 6-8: b_k = W Ψ(μ_k), μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j) over the training set,
+    P^T = softmax(teacher logits / τ). Rebuilt here from the weights in float64 (convolutions, batch-norm,
+    softmax and the linear maps written out), not with the method's functions, after a training epoch so that
+    𝒢, Ψ and the BN statistics have moved."""
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 10, 1)
+    with torch.no_grad(): teacher.classifier.weight.mul_(30)            # a confident teacher: the μ_k differ
+    d = _distiller(MoEKD(tau=2.0), epochs=1, teachers=[teacher])
+    d.fit()
+    m, student = d.method, d.student
+    m.eval(); student.eval(); teacher.eval()
+    x = next(iter(d.data.loader("test", 64)))[0]
+    with torch.no_grad():
+        h = student(x).feats[-1].double()
+        for block in m.projector.body: h = _conv_bn_relu_by_hand(h, block)
+        gate = h.mean((2, 3)) @ teacher.classifier.weight.double().T + teacher.classifier.bias.double()
+        torch.testing.assert_close(m.gate_logits(student(x)).double(), gate, rtol=1e-4, atol=1e-4)
+        assert torch.equal(m.gate_head.weight, teacher.classifier.weight)  # g^T frozen through training
+
+        t_out = teacher(torch.cat([batch[0] for batch in d.data.loader("train", 512)]))
+        z, u = t_out.pooled.double(), t_out.logits.double() / 2.0       # z^T_i and g^T(z^T_i) / τ
+        p = torch.exp(u - u.max(1, keepdim=True).values)
+        p = p / p.sum(1, keepdim=True)
+        mu = (p.T @ z) / p.sum(0)[:, None]
+        torch.testing.assert_close(m.mu.double(), mu, rtol=1e-4, atol=1e-5)
+        first, last = m.psi[0], m.psi[2]
+        e = torch.relu(mu @ first.weight.double().T + first.bias.double())
+        e = e @ last.weight.double().T + last.bias.double()            # e_k = Ψ(μ_k)
+        b = e @ student.classifier.weight.double().T                    # b_k = W^T e_k, no bias of W
+        torch.testing.assert_close(m.expert_biases().double(), b, rtol=1e-4, atol=1e-5)
+        assert (b - b.mean(0)).abs().max() > 1e-4                       # experts differ: ≫ the tolerance
