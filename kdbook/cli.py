@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .data import DATASETS, DatasetNotFoundError, cache_dir, find_dataset, load_dataset
-from .models import MODELS, infer_public_arch, load_public_state_dict, create_model
+from .models import MODELS, from_public_checkpoint, infer_public_arch, load_public_state_dict, create_model
 from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
 from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text, check_method_param,
                             registered_methods, resolve_device)
@@ -264,7 +264,9 @@ def _check_teacher_weights(teachers, weights, experts, pre: Preset) -> list:
     if missing: raise ValueError(f"--teacher-weights: no such file: {', '.join(missing)}")
     if teachers and len(teachers) != len(weights):
         raise ValueError(f"--teacher-weights gives {len(weights)} file(s) but --teachers names {len(teachers)}: one per file")
-    return list(teachers) if teachers else [infer_public_arch(load_public_state_dict(w)) for w in weights]
+    if not teachers: return [infer_public_arch(load_public_state_dict(w)) for w in weights]
+    for w, a in zip(weights, teachers): from_public_checkpoint(w, arch=a)   # a file that is not its architecture: refused now
+    return list(teachers)
 
 def _teachers_and_data(ds, teachers, am, memory, tcfg, log, weights=None) -> tuple:
     "Train or load the teachers (experts over the class groups of the `Amalgamation` `am`); the training data (the exemplar memory with `memory`)."

@@ -15,7 +15,7 @@ from .learner import Distiller, TrainConfig, make_method
 from .dist import barrier, spawn
 
 # %% auto #0
-__all__ = ['equivalence_run', 'ddp_speed']
+__all__ = ['equivalence_run', 'gather_gradients', 'ddp_speed']
 
 # %% ../nbs/08_ddp_checks.ipynb #bc33ea4e
 def equivalence_run(method: str = "aver", # a registered method
@@ -37,6 +37,25 @@ def equivalence_run(method: str = "aver", # a registered method
     hist = d.fit()
     return {"state": {k: v.detach().clone() for k, v in d.student.state_dict().items()}, "history": hist,
             "method": {k: v.detach().clone() for k, v in d.method.state_dict().items()}}
+
+# %% ../nbs/08_ddp_checks.ipynb #626a0584
+def gather_gradients(impl: str = "kdbook", # "kdbook" (all_gather_cat) or "torch" (torch.distributed.nn's all_gather)
+                     transpose: bool = False, # the loss reads the gathered tensor transposed: a non-contiguous gradient
+                     total: int = 8, seed: int = 0) -> dict:
+    "This rank's gradients of ((gather(x_r @ w) + exp(b0)) ** 2).sum() over its slice of `total` float64 samples."
+    import torch.distributed.nn.functional as dnn
+    from kdbook.dist import all_gather_cat, current
+    d, g = current(), torch.Generator().manual_seed(seed)
+    x_all = torch.randn(total, 3, generator=g, dtype=torch.float64)
+    per = total // d.world_size
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    b0 = torch.randn(total, 5, generator=g, dtype=torch.float64).requires_grad_()
+    b = b0.exp()   # a branch built before the gather: it receives the same incoming gradient tensor
+    h = x_all[d.rank * per:(d.rank + 1) * per] @ w
+    full = all_gather_cat(h) if impl == "kdbook" else torch.cat(dnn.all_gather(h), 0)
+    out = full + b
+    ((out.t() if transpose else out) ** 2).sum().backward()
+    return {"w": w.grad, "b0": b0.grad}
 
 # %% ../nbs/08_ddp_checks.ipynb #f1f836cb
 def _speed_worker(method: str, batch_size: int, steps: int, student: str, teacher: str, M: int) -> float:

@@ -68,8 +68,11 @@ def test_atomic_write_dir_tolerates_concurrent_writers(tmp_path):
         try:
             names = os.listdir(fd)
             texts = {open(n, opener=lambda n, fl: os.open(n, fl, dir_fd=fd)).read() for n in names}
+            try: still_there = os.stat(target).st_ino == os.fstat(fd).st_ino
+            except (FileNotFoundError, NotADirectoryError): still_there = False
         except FileNotFoundError: continue                          # an old folder removed while it was read
         finally: os.close(fd)
+        if not still_there: continue   # set aside (and being removed) while it was read: not the folder at `target`
         assert len(names) == 20 and len(texts) == 1, texts          # one writer's complete set, never a mix
         seen += 1
     for p in procs: p.join()
