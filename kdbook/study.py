@@ -6,7 +6,7 @@ Docs: https://kdbook.github.io/kdbook/study.html.md"""
 
 # %% ../nbs/07_study.ipynb #03dda5d0
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import dataclasses, hashlib, json, shutil, time, traceback
+import dataclasses, hashlib, json, shutil, sys, time, traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -21,11 +21,11 @@ from . import __version__
 from .data import ImageDataset, cache_dir
 from .dist import barrier, broadcast_object, current
 from .models import create_model
-from .learner import Method, TrainConfig, Distiller, atomic_write_dir, atomic_write_text, make_method
+from .learner import Callback, Method, TrainConfig, Distiller, atomic_write_dir, atomic_write_text, make_method
 
 # %% auto #0
-__all__ = ['dataset_fingerprint', 'teacher_key', 'train_teachers', 'model_fingerprint', 'StudyResult', 'method_factories',
-           'run_study']
+__all__ = ['FINISHED', 'DIVERGED_LOSS_GROWTH', 'dataset_fingerprint', 'teacher_key', 'TeacherBar', 'train_teachers',
+           'model_fingerprint', 'StudyResult', 'above_chance', 'divergence', 'method_factories', 'run_study']
 
 # %% ../nbs/07_study.ipynb #96086e12
 def dataset_fingerprint(data: ImageDataset) -> str:
@@ -51,6 +51,28 @@ def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: st
             "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1, **_dist_key()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
+# %% ../nbs/07_study.ipynb #d1a2e3f9
+class TeacherBar(Callback):
+    "One line per teacher (`train_teachers(progress='bar')`): redrawn after every epoch on a terminal, else printed once at the end."
+    order = -10
+    def __init__(self, name: str, width: int = 20): self.name, self.width = name, width
+
+    def _line(self, learn) -> str:
+        r, n = learn.history[-1], learn.cfg.epochs
+        done = r["epoch"] + 1
+        fill = self.width * done // n
+        acc = f"  top-1 {r['test_top1']:.2f}%" if "test_top1" in r else ""
+        return (f"{self.name} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{n} epochs  loss {r['train_loss']:.3f}"
+                f"{acc}  {time.perf_counter() - self.t0:.0f}s")
+
+    def before_fit(self, learn): self.t0, self.tty = time.perf_counter(), sys.stdout.isatty() and current().is_main
+
+    def after_epoch(self, learn):
+        if self.tty: print("\r" + self._line(learn), end="", flush=True)
+
+    def after_fit(self, learn):
+        if current().is_main and learn.history: print(("\r" if self.tty else "") + self._line(learn), flush=True)
+
 # %% ../nbs/07_study.ipynb #68ba1241
 def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainConfig, folder: Path, fp: str,
                            progress, verbose: bool) -> nn.Module:
@@ -63,9 +85,10 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
         model.load_state_dict(found[0])
         info = found[1] | {"cached": True}
     else:
-        if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
+        bar = [TeacherBar(f"teacher {arch} (seed {seed})")] if progress == "bar" else []
+        if verbose and d.is_main and not bar: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
         t0 = time.perf_counter()
-        hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
+        hist = Distiller(model, Method(), data, cfg=cfg, progress=False if bar else progress, callbacks=bar).fit()
         info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
                 "test_top1": hist[-1]["test_top1"], "test_top5": hist[-1]["test_top5"],
                 "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
@@ -84,7 +107,8 @@ def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequen
                    epochs: int = 30, cfg: TrainConfig | None = None, cache=None, progress: bool | str = "auto",
                    verbose: bool = True) -> list:
     """Train (or load from the cache) one teacher per (arch, seed) pair; `archs` and `seeds` are zipped when
-    equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`."""
+    equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`.
+    `progress="bar"`: one line per teacher (`TeacherBar`) instead of the `Distiller`'s line per epoch."""
     archs, seeds = ([archs] if isinstance(archs, str) else list(archs)), list(seeds)
     pairs = list(zip(archs, seeds)) if len(archs) == len(seeds) else [(a, s) for a in archs for s in seeds]
     base = cfg or TrainConfig(epochs=epochs)
@@ -119,19 +143,27 @@ class StudyResult:
 
     def top1(self, label: str) -> list:
         "Final top-1 (%) of each finished seed of `label`."
-        return [r["top1"] for r in self.runs.values() if r["method"] == label and r["status"] == "ok"]
+        return [r["top1"] for r in self.runs.values() if r["method"] == label and r["status"] in FINISHED]
+
+    def labels(self) -> list:
+        "The methods a summary shows: this study's, then earlier runs' of other methods with the same settings."
+        mine, seeds, study = list(self.config["methods"]), self.config["seeds"], self.config.get("study")
+        others = [r["method"] for r in self.runs.values() if r["method"] not in mine and study is not None
+                  and r.get("study") == study and r["seed"] in seeds and r["status"] in FINISHED]
+        return mine + list(dict.fromkeys(others))
 
     def summary(self) -> list:
-        "One row per method: top-1 mean and std over seeds, gain over the student alone (`ce`), seconds, failures."
-        rows, base = [], None
-        for label in self.config["methods"]:
+        "One row per method: top-1 mean and std over seeds, gain over the student alone, seconds, failures, divergences."
+        rows, base, base_label = [], None, self.config.get("baseline", "ce")
+        for label in self.labels():
             rs, ok = [r for r in self.runs.values() if r["method"] == label], self.top1(label)
-            row = {"method": label, "n": len(ok), "failed": [r["error"] for r in rs if r["status"] != "ok"],
+            row = {"method": label, "n": len(ok), "failed": [r["error"] for r in rs if r["status"] not in FINISHED],
+                   "diverged": [r["diverged"] for r in rs if r["status"] == "diverged"], "baseline": label == base_label,
                    "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
                    "seconds": sum(r["seconds"] for r in rs)}
             tasks = [r["tasks"] for r in rs if r["status"] == "ok" and r.get("tasks")]
             if tasks: row["tasks"] = np.mean(tasks, axis=0).tolist()
-            if label == "ce": base = row["mean"]
+            if row["baseline"]: base = row["mean"]
             row["gain"] = None if row["mean"] is None or base is None else row["mean"] - base
             rows.append(row)
         return rows
@@ -139,6 +171,28 @@ class StudyResult:
     def to_json(self) -> dict:
         "What `results.json` holds."
         return {"config": self.config, "runs": self.runs, "summary": self.summary(), **self.extra}
+
+# %% ../nbs/07_study.ipynb #d1a2e3f5
+FINISHED = ("ok", "diverged")   # statuses of a run that trained to the end (a diverged one learned nothing)
+DIVERGED_LOSS_GROWTH = 3.0      # a run whose last epoch's training loss exceeds this many times its first epoch's diverged
+
+def above_chance(top1: float, # top-1 accuracy (%)
+                 n_classes: int, n_test: int, # the test set: classes, images
+                 alpha: float = 1e-3) -> bool:
+    "Whether `top1` on `n_test` images beats guessing among `n_classes`: a one-sided binomial test at level `alpha`."
+    from scipy.stats import binom
+    correct = round(top1 / 100 * n_test)
+    return bool(binom.sf(correct - 1, n_test, 1 / n_classes) < alpha)   # P(X >= correct) under chance
+
+def divergence(rec: dict, n_classes: int, n_test: int) -> str | None:
+    "Why a finished run (a `run_study` record) diverged: its loss grew or is not finite, or its top-1 is chance; else None."
+    losses = [h["train_loss"] for h in rec.get("history") or []]
+    if not all(np.isfinite(losses)): return "the training loss is not finite"
+    if len(losses) > 1 and losses[-1] > DIVERGED_LOSS_GROWTH * losses[0]:
+        return f"the training loss grew {losses[-1] / losses[0]:.1f}x, from {losses[0]:.3g} to {losses[-1]:.3g}"
+    if not above_chance(rec["top1"], n_classes, n_test):
+        return f"top-1 {rec['top1']:.2f}% is not above chance ({100 / n_classes:.2f}% for {n_classes} classes)"
+    return None
 
 # %% ../nbs/07_study.ipynb #8b40a669
 def method_factories(methods, settings: Mapping) -> dict:
@@ -165,7 +219,36 @@ def _finished_runs(path: Path) -> dict:
     "The finished runs recorded in a results.json (none if there is no readable file)."
     try: runs = json.loads(path.read_text())["runs"]
     except (OSError, ValueError, KeyError, TypeError): return {}
-    return {k: r for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and "key" in r}
+    return {k: r for k, r in runs.items() if isinstance(r, dict) and r.get("status") in FINISHED and "key" in r}
+
+# %% ../nbs/07_study.ipynb #d1a2e3f7
+def _earlier_results(path: Path) -> dict:
+    "What an earlier results.json says besides its runs (its configuration, the teachers' config), or {}."
+    try: res = json.loads(path.read_text())
+    except (OSError, ValueError): return {}
+    return {k: v for k, v in res.items() if k not in ("runs", "summary")} if isinstance(res, dict) else {}
+
+def _as_baseline(runs: dict, label: str | None) -> dict:
+    "Earlier runs, the student alone's (once labelled `ce`) under `label`: a results.json of either name is read."
+    if not label or label == "ce": return runs
+    return {(f"{label}/{r['seed']}" if r["method"] == "ce" else k): (r | {"method": label} if r["method"] == "ce" else r)
+            for k, r in runs.items()}
+
+def _changes(earlier: dict, config: dict, prev: dict, hparams: dict) -> str:
+    "The settings that differ between an earlier run (its results.json and record) and this one, as 'lr 0.05 -> 0.2'."
+    was, now = earlier.get("config", {}), config
+    diffs = [f"{k} {was['cfg'].get(k)} -> {v}" for k, v in now["cfg"].items()
+             if k not in ("seed", "device", "eval_batch_size") and k in was.get("cfg", {}) and was["cfg"][k] != v]
+    diffs += [f"teachers' {k} {earlier['teacher_cfg'].get(k)} -> {v}" for k, v in (now.get("teacher_cfg") or {}).items()
+              if k not in ("seed", "device", "eval_batch_size") and k in (earlier.get("teacher_cfg") or {})
+              and earlier["teacher_cfg"][k] != v]
+    diffs += [f"{what} {was.get(k)} -> {now.get(k)}" for k, what in (("data", "dataset"), ("student", "student"),
+              ("teachers", "teachers"), ("version", "kdbook")) if k in was and was[k] != now.get(k)]
+    if was.get("fingerprint") not in (None, now["fingerprint"]) and was.get("data") == now["data"]: diffs.append("the data")
+    diffs += [f"{k} {prev['hparams'].get(k)} -> {v}" for k, v in hparams.items() if prev.get("hparams", {}).get(k, v) != v]
+    if not diffs and was.get("teacher_fingerprints") not in (None, now.get("teacher_fingerprints")):
+        diffs.append("the teachers' weights")
+    return ", ".join(diffs) or "the student's initial weights, the tasks or the process count"
 
 # %% ../nbs/07_study.ipynb #ce16170c
 def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
@@ -175,11 +258,19 @@ def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
                     "teachers": teacher_fps if method.needs_teachers else None,
                     "tasks": [t.tolist() for t in tasks] if tasks else None, **_dist_key()})
 
+def _study_key(config: dict, cfg: TrainConfig, tasks) -> str:
+    "The hash of all that a study's runs share but their method and seed: runs of other methods with it are comparable."
+    return _digest({k: config[k] for k in ("fingerprint", "student", "teacher_fingerprints", "version")} | _dist_key()
+                   | {"cfg": {k: v for k, v in _train_key(cfg).items() if k != "seed"},
+                      "tasks": [t.tolist() for t in tasks] if tasks else None})
+
+def _hparams(method) -> dict: return json.loads(json.dumps(method.hparams(), default=str))   # as results.json holds them
+
 def _train_run(label, seed, net, method, key, ctx) -> dict:
     "Train one student; its record (a failure is recorded when `ctx['on_error']` is 'record')."
     t0, out = time.perf_counter(), ctx["out"]
     run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
-    rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
+    rec = {"method": label, "seed": seed, "key": key, "hparams": _hparams(method)}
     if ctx["fresh"] and run_dir is not None and run_dir.exists() and current().is_main: shutil.rmtree(run_dir)   # start over: no resume
     barrier()
     try:
@@ -195,6 +286,17 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
         return rec | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                       "seconds": time.perf_counter() - t0}
 
+def _checked_run(label, seed, net, method, key, ctx, study: str, log) -> dict:
+    "`_train_run`, its record marked diverged when it learned nothing (`divergence`), and its line in the log."
+    rec = _train_run(label, seed, net, method, key, ctx) | {"study": study}
+    data = ctx["data"]
+    if rec["status"] == "ok" and (why := divergence(rec, data.n_classes, len(data.test))):
+        rec |= {"status": "diverged", "diverged": why}
+    log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] in FINISHED
+                                         else f"FAILED ({rec['error']})")
+        + (f"  DIVERGED: {rec['diverged']}" if rec["status"] == "diverged" else ""))
+    return rec
+
 # %% ../nbs/07_study.ipynb #46d0c6f0
 def run_study(data: ImageDataset, # every student trains and is tested on it
               teachers: Sequence[nn.Module] | None, # trained teachers (`train_teachers`); None if no method needs any
@@ -203,7 +305,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               seeds: Sequence[int] = (0,), # one student per method and seed
               cfg: TrainConfig | None = None, # the students' training configuration (its seed is each run's)
               settings: Mapping[str, dict] | None = None, # method name -> hyper-parameters, for methods given by name
-              baseline: bool = True, # also train the student alone (`ce`), first, unless listed
+              baseline: bool | str = True, # also train the student alone, first, labelled `ce` (or this label)
               out=None, # folder for results.json, checkpoints and reuse (None: nothing written)
               fresh: bool = False, # ignore finished runs and checkpoints in `out`: train everything again
               tasks: Sequence[Tensor] | None = None, # class ids per task: per-task accuracy (amalgamation)
@@ -214,17 +316,22 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     "Train the student alone and one student per method and seed; reuse a finished run only if every setting matches."
     if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     makers = method_factories(methods, dict(settings or {}))
-    if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
+    base = "ce" if baseline is True else (baseline or None)   # the student alone's label (`kdbook run`: "student")
+    if base and base not in makers and "ce" not in makers: makers = {base: Method, **makers}
     cfg, log, out = cfg or TrainConfig(), log or (lambda *a: None), (Path(out) if out is not None else None)
     data_fp, teacher_fps = dataset_fingerprint(data), [model_fingerprint(t) for t in teachers or []]
     ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
-              **current().to_dict()}   # world_size, backend, lr_rule (chapter 06)
+              "baseline": base, "teacher_fingerprints": teacher_fps, **current().to_dict()}   # world_size, backend, lr_rule
+    config["study"] = _study_key(config, cfg, tasks)
     # under DDP rank 0 reads the finished runs and alone writes results.json
     old = broadcast_object({} if out is None or fresh or not current().is_main else _finished_runs(out / "results.json"))
+    old = _as_baseline(old, base)
+    earlier = broadcast_object({} if not old or not current().is_main else _earlier_results(out / "results.json"))
     res = StudyResult(config, {}, extra=dict(extra or {}))
+    res.runs.update({k: r | {"reused": False, "kept": True} for k, r in old.items() if r["method"] not in makers})
     def save():
         if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))
     for label, make in makers.items():
@@ -237,13 +344,14 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
             prev = old.get(name)
             if prev is not None and prev["key"] == key:
                 res.runs[name] = prev | {"reused": True}
-                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when trained)")
+                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when "
+                    f"trained)" + (f"  DIVERGED: {prev['diverged']}" if prev["status"] == "diverged" else ""))
                 continue
-            if prev is not None: log(f"{label:10s} seed {seed}: settings changed since the run in {out}; training again")
-            res.runs[name] = rec = _train_run(label, seed, net, method, key, ctx)
-            if rec["status"] == "ok": res.methods[name] = method
-            log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] == "ok"
-                                                 else f"FAILED ({rec['error']})"))
+            if prev is not None:
+                why = _changes(earlier, config | {"teacher_cfg": res.extra.get("teacher_cfg")}, prev, _hparams(method))
+                log(f"{label:10s} seed {seed}: settings changed since the run in {out} ({why}); training again")
+            res.runs[name] = rec = _checked_run(label, seed, net, method, key, ctx, config["study"], log)
+            if rec["status"] in FINISHED: res.methods[name] = method
             save()
     save()
     return res
