@@ -65,7 +65,7 @@ def _mnist_like() -> ImageDataset: return synthetic_dataset(10, (1, 28, 28), n_t
 def _bench_teacher_bank(dev, quick: bool) -> dict:
     archs = ("resnet8", "resnet8", "resnet14", "resnet20", "resnet20")
     teachers = [randomize_bn(create_model(a, 10, 1), i).to(dev) for i, a in enumerate(archs)]
-    x = torch.randn(64 if quick else 256, 1, 28, 28, device=dev)
+    x = torch.randn(32 if quick else 256, 1, 28, 28, device=dev)
     return {"teacher_bank": bench_teacher_bank(teachers, x, n_iter=3 if quick else 30)}
 
 def _bench_throughput(dev, quick: bool) -> dict:
@@ -80,7 +80,8 @@ BENCH_STAGES = {   # name -> (what it measures, a function of (device, quick) re
         _fashion_or_digits(), batch_size=128, n_batches=5 if q else 100, device=dev)}),
     "teacher_bank": ("TeacherBank vs a plain loop over the teachers", _bench_teacher_bank),
     "aekd": ("AE-KD step vs AVER step and the public code, solver vs SLSQP (M=5, 25)", lambda dev, q: {
-        f"aekd_M{M}": aekd_speed(M=M, batch=64, reps=2 if q else 15, n_qp=8 if q else 32, device=str(dev))
+        f"aekd_M{M}": aekd_speed(M=M, batch=16 if q else 64, reps=2 if q else 15, n_qp=8 if q else 32,
+                                 device=str(dev))
         for M in ((5,) if q else (5, 25))}),
     "moekd": ("MoE-KD step vs KD step, its ELBO dense vs shared", lambda dev, q: {"moekd": moekd_speed(
         _mnist_like(), batch=64, reps=3 if q else 30, device=str(dev))}),
@@ -449,11 +450,17 @@ def peer_benchmark_child(keep_memory: bool = False, # glibc told to keep freed m
 # %% ../nbs/30_bench.ipynb #peer0020
 def peer_report(rounds: int = 10, steps: int = 3, n_train: int | None = None,
                 allocators=("default", "keep"), # one fresh process for each: glibc's default, and told to keep its memory
+                log=None, # e.g. `print`: a line as each process finishes, with its time
                 **kwargs) -> dict: # more `peer_benchmark` arguments (variants, kdbook's switches ...)
     "The peer comparison under each allocator setting, each in its own process: allocator -> `peer_benchmark`'s result."
     for a in allocators:
         if a not in ("default", "keep"): raise ValueError(f"allocators must be 'default' and/or 'keep', got {a!r}")
-    return {a: peer_benchmark_child(a == "keep", rounds=rounds, steps=steps, n_train=n_train, **kwargs) for a in allocators}
+    out = {}
+    for i, a in enumerate(allocators, 1):
+        t0 = time.perf_counter()
+        out[a] = peer_benchmark_child(a == "keep", rounds=rounds, steps=steps, n_train=n_train, **kwargs)
+        if log: log(f"[{i}/{len(allocators)}] peer comparison, allocator {a} ({time.perf_counter() - t0:.1f} s)")
+    return out
 
 # %% ../nbs/30_bench.ipynb #peer0021
 def format_peer(res: dict) -> str:

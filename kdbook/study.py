@@ -236,7 +236,7 @@ def _as_baseline(runs: dict, label: str | None) -> dict:
 
 def _changes(earlier: dict, config: dict, prev: dict, hparams: dict) -> str:
     "The settings that differ between an earlier run (its results.json and record) and this one, as 'lr 0.05 -> 0.2'."
-    was, now = earlier.get("config", {}), config
+    was, now = earlier.get("config", {}), json.loads(json.dumps(config, default=str))   # as results.json holds it
     diffs = [f"{k} {was['cfg'].get(k)} -> {v}" for k, v in now["cfg"].items()
              if k not in ("seed", "device", "eval_batch_size") and k in was.get("cfg", {}) and was["cfg"][k] != v]
     diffs += [f"teachers' {k} {earlier['teacher_cfg'].get(k)} -> {v}" for k, v in (now.get("teacher_cfg") or {}).items()
