@@ -120,10 +120,10 @@ def _listed(module: str, attr: str, what: str, first: bool = False):
     return check
 
 # %% ../nbs/90_cli.ipynb #e5b1c2d3
-BENCH_TIMES = {   # `kdbook bench`'s wall times, as its --help quotes them (measured with `time kdbook bench ...`)
-    "quick": "MEASURE",
-    "all": "MEASURE",
-    "peer": "MEASURE",
+BENCH_TIMES = {   # the wall times `kdbook bench --help` quotes, each measured with `time kdbook bench ...`
+    "quick": "75 s measured on a 2-core CPU with other work running (load average 7; 337 s at load 11)",
+    "peer": ("its first process of two (one per allocator setting) took 814 s, measured on a 2-core CPU with other "
+             "work running (load average 8 to 11)"),
 }
 
 # %% ../nbs/90_cli.ipynb #5e6cf68d
@@ -181,14 +181,16 @@ class _BenchHelp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from kdbook.bench import BENCH_STAGES, QUICK_STAGES
         for a in parser._actions:
-            if a.dest in ("only", "quick"): a.help = a.help.replace("STAGES", ", ".join(QUICK_STAGES if a.dest == "quick" else BENCH_STAGES))
+            if a.dest in ("only", "quick"):
+                a.help = a.help.replace("STAGES", ", ".join(QUICK_STAGES if a.dest == "quick" else BENCH_STAGES))
         parser.print_help(); parser.exit()
 
 def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", add_help=False,
                        help="measure the speed ratios (ours vs the straightforward way) on this machine, a line per stage")
     b.add_argument("-h", "--help", action=_BenchHelp, help="show this help message and exit")
-    b.add_argument("--device", default="auto", help="where to measure: auto, cpu, cuda, cuda:N (default: auto = a GPU if any)")
+    b.add_argument("--device", default="auto",
+                   help="where to measure: auto, cpu, cuda, cuda:N (default: auto = a GPU if any)")
     b.add_argument("--quick", action="store_true",
                    help=f"few repetitions of the headline stages only (STAGES): {BENCH_TIMES['quick']}")
     b.add_argument("--only", type=lambda v: [n.strip() for n in v.split(",") if n.strip()], metavar="NAME,...",
@@ -196,7 +198,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--peer", action="store_true",
                    help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side "
                         f'on --device (needs pip install "kdbook[peer]"): {BENCH_TIMES["peer"]}')
-    b.epilog = f"Every stage, as printed: {BENCH_TIMES['all']}."
+    b.epilog = "Each stage prints its time as it finishes; --quick and --only run less."
 
 def build_parser() -> argparse.ArgumentParser:
     "The `kdbook` argument parser: `run`, `data`, `bench`."
@@ -229,7 +231,8 @@ def _teacher_info(t) -> dict: return {k: t.info[k] for k in ("arch", "seed", "ke
 # %% ../nbs/90_cli.ipynb #931de473
 def _check_methods(methods, settings, experts, memory, n_teachers: int) -> tuple:
     "The methods to run and their settings by method, every name, parameter and value checked, before any training."
-    from kdbook.study import method_factories; from kdbook.learner import registered_methods; from kdbook.baselines import check_teacher_index
+    from kdbook.study import method_factories; from kdbook.learner import registered_methods
+    from kdbook.baselines import check_teacher_index
     kwargs = {}
     for method, param, value in settings: kwargs.setdefault(method, {})[param] = value
     methods = list(methods or (EXPERT_METHODS if experts else DEFAULT_METHODS))
@@ -270,7 +273,8 @@ def _load_everywhere(data: str):
 
 def _teachers_and_data(ds, teachers, experts, memory, tcfg, log) -> tuple:
     "Train or load the teachers (experts over class groups with `experts`); the training data (the exemplar memory with `memory`)."
-    import torch; from kdbook.cfl import Amalgamation; from kdbook.mec import memory_data; from kdbook.study import train_teachers
+    import torch
+    from kdbook.cfl import Amalgamation; from kdbook.mec import memory_data; from kdbook.study import train_teachers
     am = Amalgamation.split(ds, experts) if experts else None    # refused here, before anything is printed or trained
     if memory and memory > (fewest := int(torch.bincount(ds.train.y, minlength=ds.n_classes).min())):
         raise ValueError(f"memory size k={memory} is more than the {fewest} training samples of the smallest class of {ds.name}")
@@ -294,7 +298,9 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
                  fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print) -> dict:
     "`kdbook run`: the preset (flags override), every input checked, teachers trained or loaded, then `run_study`."
-    import torch; from kdbook.models import MODELS; from kdbook.learner import resolve_device; from kdbook.study import run_study; from kdbook.dist import current
+    import torch
+    from kdbook.models import MODELS; from kdbook.learner import resolve_device
+    from kdbook.study import run_study; from kdbook.dist import current
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre = PRESETS[data]
     teachers, student = list(teachers or pre.teachers), student or pre.student
@@ -331,7 +337,8 @@ def format_table(rows: list) -> str:
         acc = f"{r['mean']:8.2f} ± {r['std']:5.2f}" if r["n"] > 1 else f"{r['mean']:8.2f}        "
         gain = "" if base or r["gain"] is None else f"{r['gain']:+.2f}"
         note = f"   ({len(r['failed'])} failed)" if r["failed"] else ""
-        if r.get("tasks"): note += "   tasks: " + " / ".join(f"{a:.2f}" for a in r["tasks"]) + f" (mean {sum(r['tasks']) / len(r['tasks']):.2f})"
+        if r.get("tasks"):
+            note += "   tasks: " + " / ".join(f"{a:.2f}" for a in r["tasks"]) + f" (mean {sum(r['tasks']) / len(r['tasks']):.2f})"
         div = r.get("diverged") or []
         if div: note += f"   ! diverged in {len(div)} of {r['n']} seeds: {div[0]}"
         lines.append(f"{name:10s} {acc}{'!' if div else ' '}{gain:>7s} {r['seconds']:8.1f}{note}")
@@ -432,7 +439,8 @@ def _data_command(args) -> int:
     return 0
 
 def bench_report(device: str = "auto", peer: bool = False, quick: bool = False, only=None, log=None) -> str:
-    "Measure, in this run, the speed ratios of the book on this machine (`log`: a line per stage); with `peer`, kdbook against torchdistill and a plain loop."
+    """Measure, in this run, the speed ratios of the book on this machine (`log`: a line per stage); with `peer`,
+    kdbook against torchdistill and a plain loop."""
     from kdbook.bench import run_benchmarks, format_benchmarks, peer_report, format_peer, require_torchdistill, PEER_FAST
     from kdbook.learner import resolve_device
     if peer:

@@ -53,7 +53,8 @@ def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: st
 
 # %% ../nbs/07_study.ipynb #d1a2e3f9
 class TeacherBar(Callback):
-    "One line per teacher (`train_teachers(progress='bar')`): redrawn after every epoch on a terminal, else printed once at the end."
+    """One line per teacher (`train_teachers(progress='bar')`): redrawn after every epoch on a terminal, else
+    printed once at the end."""
     order = -10
     def __init__(self, name: str, width: int = 20): self.name, self.width = name, width
 
@@ -86,7 +87,8 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
         info = found[1] | {"cached": True}
     else:
         bar = [TeacherBar(f"teacher {arch} (seed {seed})")] if progress == "bar" else []
-        if verbose and d.is_main and not bar: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
+        if verbose and d.is_main and not bar:
+            print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
         t0 = time.perf_counter()
         hist = Distiller(model, Method(), data, cfg=cfg, progress=False if bar else progress, callbacks=bar).fit()
         info = {"arch": arch, "seed": seed, "key": folder.name, "dataset": data.name, "fingerprint": fp,
