@@ -22,10 +22,11 @@ from .mmkd import mmkd_speed
 from .ddp_checks import ddp_speed
 
 # %% auto #0
-__all__ = ['PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS', 'distill_throughput', 'run_benchmarks',
-           'format_benchmarks', 'require_torchdistill', 'PeerSetting', 'peer_data', 'PeerContender', 'repdistiller_kd',
-           'plain_contender', 'torchdistill_contender', 'kdbook_contender', 'peer_step_functions', 'peer_losses',
-           'peer_benchmark', 'peer_benchmark_child', 'peer_report', 'format_peer']
+__all__ = ['BENCH_STAGES', 'QUICK_STAGES', 'PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS',
+           'distill_throughput', 'run_benchmarks', 'format_benchmarks', 'require_torchdistill', 'PeerSetting',
+           'peer_data', 'PeerContender', 'repdistiller_kd', 'plain_contender', 'torchdistill_contender',
+           'kdbook_contender', 'peer_step_functions', 'peer_losses', 'peer_benchmark', 'peer_benchmark_child',
+           'peer_report', 'format_peer']
 
 # %% ../nbs/30_bench.ipynb #7f4a64f5
 def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
@@ -55,33 +56,69 @@ def distill_throughput(teachers=("resnet56",) * 5, # teacher architectures
             "amp": d.amp, "channels_last": d.channels_last}
 
 # %% ../nbs/30_bench.ipynb #187ef3d5
-def run_benchmarks(device: str = "auto", quick: bool = False) -> dict:
-    "Measure every speed ratio of the book on this machine, in one run."
+def _fashion_or_digits() -> ImageDataset:
+    try: return load_dataset("fashion-mnist", download=False)
+    except DatasetNotFoundError: return load_dataset("digits")
+
+def _mnist_like() -> ImageDataset: return synthetic_dataset(10, (1, 28, 28), n_train=256, n_test=16)
+
+def _bench_teacher_bank(dev, quick: bool) -> dict:
+    archs = ("resnet8", "resnet8", "resnet14", "resnet20", "resnet20")
+    teachers = [randomize_bn(create_model(a, 10, 1), i).to(dev) for i, a in enumerate(archs)]
+    x = torch.randn(32 if quick else 256, 1, 28, 28, device=dev)
+    return {"teacher_bank": bench_teacher_bank(teachers, x, n_iter=3 if quick else 30)}
+
+def _bench_throughput(dev, quick: bool) -> dict:
+    if dev.type == "cuda":
+        return {"throughput": distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
+                                                 device=str(dev))}
+    return {"throughput": distill_throughput(("resnet8",) * 5, "resnet8", batch_size=64, steps=2 if quick else 20,
+                                             shape=(1, 28, 28), n_classes=10, device="cpu")}
+
+BENCH_STAGES = {   # name -> (what it measures, a function of (device, quick) returning result sections)
+    "loader": ("DeviceLoader vs DataLoader", lambda dev, q: {"loader": bench_loader(
+        _fashion_or_digits(), batch_size=128, n_batches=5 if q else 100, device=dev)}),
+    "teacher_bank": ("TeacherBank vs a plain loop over the teachers", _bench_teacher_bank),
+    "aekd": ("AE-KD step vs AVER step and the public code, solver vs SLSQP (M=5, 25)", lambda dev, q: {
+        f"aekd_M{M}": aekd_speed(M=M, batch=16 if q else 64, reps=2 if q else 15, n_qp=8 if q else 32,
+                                 device=str(dev))
+        for M in ((5,) if q else (5, 25))}),
+    "moekd": ("MoE-KD step vs KD step, its ELBO dense vs shared", lambda dev, q: {"moekd": moekd_speed(
+        _mnist_like(), batch=64, reps=3 if q else 30, device=str(dev))}),
+    "moekd_memory": ("MoE-KD's ELBO memory, dense vs shared", lambda dev, q: {"moekd_memory": moekd_memory(
+        32 if q else 256, 1000, 1000)}),
+    "cfl": ("CFL's MMD batched vs loops", lambda dev, q: {"cfl": cfl_speed(5, 64, reps=3 if q else 20, device=str(dev))}),
+    "mec": ("MEC step vs KA step", lambda dev, q: {"mec": mec_speed(_mnist_like(), 5, 64, reps=3 if q else 20,
+                                                                   device=str(dev))}),
+    "mmkd": ("MMKD step vs AVER step, the public code's replay", lambda dev, q: {"mmkd": mmkd_speed(
+        _mnist_like(), 3, 64, reps=3 if q else 15, device=str(dev))}),
+    "gradcam": ("Grad-CAM batched vs per image", lambda dev, q: {"gradcam": gradcam_speed(
+        "cnn_small", n=100 if q else 1000, reps=1 if q else 5, device=str(dev))}),
+    "ddp": ("2 DDP processes vs 1 (gloo on the CPU)", lambda dev, q: {"ddp": ddp_speed("aver", 2, 128, steps=4 if q else 20)}),
+    "throughput": ("training images/s of 5 teachers -> 1 student", _bench_throughput),
+}
+QUICK_STAGES = ("loader", "teacher_bank", "aekd", "throughput")   # the headline ratios: data, teachers, AE-KD's cost, a step
+
+# %% ../nbs/30_bench.ipynb #b3c1a7e2
+def run_benchmarks(device: str = "auto",
+                   quick: bool = False, # few repetitions, and only `QUICK_STAGES` unless `only` is given
+                   only=None, # stage names (`BENCH_STAGES`) to run, in that order
+                   log=None, # e.g. `print`: one line per stage as it finishes, with its time
+                  ) -> dict:
+    "Measure the speed ratios of the book on this machine, in one run: every stage of `BENCH_STAGES`, or those asked for."
+    names = list(only) if only is not None else list(QUICK_STAGES if quick else BENCH_STAGES)
+    bad = [n for n in names if n not in BENCH_STAGES]
+    if bad or not names:
+        raise ValueError(f"only: unknown stage(s) {', '.join(map(repr, bad)) or 'none given'}; "
+                         f"valid: {', '.join(BENCH_STAGES)}")
     dev = resolve_device(device)
     out = {"machine": {"torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
-                       "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}}
-    try: ds = load_dataset("fashion-mnist", download=False)
-    except DatasetNotFoundError: ds = load_dataset("digits")
-    out["loader"] = bench_loader(ds, batch_size=128, n_batches=5 if quick else 100, device=dev)
-    teachers = [randomize_bn(create_model(a, 10, 1), i) for i, a in enumerate(("resnet8", "resnet8", "resnet14", "resnet20", "resnet20"))]
-    x = torch.randn(256, 1, 28, 28, device=dev)
-    out["teacher_bank"] = bench_teacher_bank([t.to(dev) for t in teachers], x, n_iter=3 if quick else 30)
-    for M in (5, 25):
-        out[f"aekd_M{M}"] = aekd_speed(M=M, batch=64, reps=3 if quick else 15, n_qp=8 if quick else 32, device=str(dev))
-    mnist_like = synthetic_dataset(10, (1, 28, 28), n_train=256, n_test=16)
-    out["moekd"] = moekd_speed(mnist_like, batch=64, reps=3 if quick else 30, device=str(dev))
-    out["moekd_memory"] = moekd_memory(32 if quick else 256, 1000, 1000)
-    out["cfl"] = cfl_speed(5, 64, reps=3 if quick else 20, device=str(dev))
-    out["mec"] = mec_speed(mnist_like, 5, 64, reps=3 if quick else 20, device=str(dev))
-    out["mmkd"] = mmkd_speed(mnist_like, 3, 64, reps=3 if quick else 15, device=str(dev))
-    out["gradcam"] = gradcam_speed("cnn_small", n=100 if quick else 1000, reps=1 if quick else 5, device=str(dev))
-    out["ddp"] = ddp_speed("aver", 2, 128, steps=4 if quick else 20)   # gloo processes on the CPU (chapter 06)
-    if dev.type == "cuda":
-        out["throughput"] = distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
-                                               device=str(dev))
-    else:
-        out["throughput"] = distill_throughput(("resnet8",) * 5, "resnet8", batch_size=64, steps=2 if quick else 20,
-                                               shape=(1, 28, 28), n_classes=10, device="cpu")
+                       "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}, "seconds": {}}
+    for i, name in enumerate(names, 1):
+        t0 = time.perf_counter()
+        out.update(BENCH_STAGES[name][1](dev, quick))
+        out["seconds"][name] = time.perf_counter() - t0
+        if log: log(f"[{i}/{len(names)}] {name}: {BENCH_STAGES[name][0]} ({out['seconds'][name]:.1f} s)")
     return out
 
 # %% ../nbs/30_bench.ipynb #8d6a1a30
@@ -377,14 +414,13 @@ def peer_benchmark(rounds: int = 10, # interleaved rounds
         # the median of the per-round ratios: each round's contenders saw the same load
         out["ratios"] = {f"{a}/{b}": statistics.median([x / y for x, y in zip(rates[a], rates[b])])
                          for a in names if a.startswith("kdbook") for b in ("torchdistill", "plain") if b in rates}
-        if parts:
+        if parts:   # each part timed alone, apart from the steps: not a breakdown of the step's time
             x, y = next(iter(cs.values())).next_batch()
             reps = max(3, min(10, rounds))
             data_s = median_times([c.next_batch for c in cs.values()], reps, warmup=1, device=s.device)
             teach_s = median_times([lambda c=c: c.teacher_logits(x) for c in cs.values()], reps, warmup=1, device=s.device)
             out["parts_ms"] = {n: {"step": 1e3 * s.batch_size / out["images_per_s"][n], "data": 1e3 * d, "teacher": 1e3 * t}
                                for n, d, t in zip(names, data_s, teach_s)}
-            for p in out["parts_ms"].values(): p["student"] = p["step"] - p["data"] - p["teacher"]
     finally: torch.set_num_threads(saved)
     return out
 
@@ -414,11 +450,17 @@ def peer_benchmark_child(keep_memory: bool = False, # glibc told to keep freed m
 # %% ../nbs/30_bench.ipynb #peer0020
 def peer_report(rounds: int = 10, steps: int = 3, n_train: int | None = None,
                 allocators=("default", "keep"), # one fresh process for each: glibc's default, and told to keep its memory
+                log=None, # e.g. `print`: a line as each process finishes, with its time
                 **kwargs) -> dict: # more `peer_benchmark` arguments (variants, kdbook's switches ...)
     "The peer comparison under each allocator setting, each in its own process: allocator -> `peer_benchmark`'s result."
     for a in allocators:
         if a not in ("default", "keep"): raise ValueError(f"allocators must be 'default' and/or 'keep', got {a!r}")
-    return {a: peer_benchmark_child(a == "keep", rounds=rounds, steps=steps, n_train=n_train, **kwargs) for a in allocators}
+    out = {}
+    for i, a in enumerate(allocators, 1):
+        t0 = time.perf_counter()
+        out[a] = peer_benchmark_child(a == "keep", rounds=rounds, steps=steps, n_train=n_train, **kwargs)
+        if log: log(f"[{i}/{len(allocators)}] peer comparison, allocator {a} ({time.perf_counter() - t0:.1f} s)")
+    return out
 
 # %% ../nbs/30_bench.ipynb #peer0021
 def format_peer(res: dict) -> str:
@@ -436,8 +478,8 @@ def format_peer(res: dict) -> str:
         for n, ips in r["images_per_s"].items():
             p = r.get("parts_ms", {}).get(n)
             vs = ", ".join(f"{r['ratios'][f'{n}/{b}']:.2f}x {b}" for b in ("torchdistill", "plain") if f"{n}/{b}" in r["ratios"])
-            parts = (f"   per step {p['step']:.0f} ms = data {p['data']:.1f} + teacher {p['teacher']:.1f} + "
-                     f"student, loss, backward, step {p['student']:.0f}") if p else ""
+            parts = (f"   per step {p['step']:.0f} ms (timed alone: data {p['data']:.1f} ms, "
+                     f"teacher forward {p['teacher']:.1f} ms)") if p else ""
             lines.append(f"  {n:21s} {ips:6,.0f} images/s {'(' + vs + ')' if vs else '':32s}{parts}")
     lines.append("ratios: medians of the per-round ratios (each round's contenders saw the same load)")
     return "\n".join(lines)

@@ -6,17 +6,16 @@ Docs: https://kdbook.github.io/kdbook/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #0633cf3c
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import argparse, dataclasses, html, json, os, re, signal, sys, threading, time
+import argparse, dataclasses, html, importlib, json, math, os, re, signal, sys, threading, time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
-from .data import DATASETS, DatasetNotFoundError, cache_dir, find_dataset, load_dataset
+from .data import cache_dir, load_dataset
 from .models import MODELS, from_public_checkpoint, infer_public_arch, load_public_state_dict, create_model
-from .dist import BACKENDS, LR_RULES, barrier, current, init_distributed, rank_device, shutdown
-from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text, check_method_param,
+from .dist import barrier, current, init_distributed, rank_device, shutdown
+from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text,
                             registered_methods, resolve_device)
 from .study import NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers, with_normalization
 from .baselines import check_teacher_index
@@ -24,9 +23,9 @@ from .cfl import Amalgamation
 from .mec import memory_data
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_METHODS', 'EXPERT_METHODS', 'RECIPES', 'BOOK_URL', 'Preset', 'Recipe', 'build_parser',
-           'preset_study', 'format_table', 'report_figures', 'write_report', 'data_report', 'bench_report',
-           'Terminated', 'main']
+__all__ = ['PRESETS', 'DEFAULT_METHODS', 'EXPERT_METHODS', 'RECIPES', 'BENCH_TIMES', 'BOOK_URL', 'Preset', 'Recipe',
+           'build_parser', 'preset_study', 'format_table', 'report_figures', 'write_report', 'data_report',
+           'bench_report', 'Terminated', 'main']
 
 # %% ../nbs/90_cli.ipynb #52a7df02
 @dataclasses.dataclass
@@ -64,6 +63,7 @@ class Recipe:
 
     def config(self, teacher: bool = False, epochs: int | None = None, lr: float | None = None, **kw) -> TrainConfig:
         "The student's (or teachers') `TrainConfig`; a shorter `epochs` keeps the drops at the same fractions of the run."
+        from kdbook.learner import TrainConfig
         base, drops = (self.teacher_epochs, self.teacher_drops) if teacher else (self.epochs, self.drops)
         return TrainConfig(epochs=epochs or base, lr=lr or self.lr, milestones=tuple(d / base for d in drops), **kw)
 
@@ -82,11 +82,6 @@ def _names(value: str, valid, what: str) -> list:
     if bad: raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
     return names
 
-def _one_model(value: str) -> str:
-    names = _names(value, MODELS, "model")
-    if len(names) > 1: raise argparse.ArgumentTypeError(f"one student architecture, got {len(names)}: {', '.join(names)}")
-    return names[0]
-
 def _positive_int(value: str) -> int:
     try: v = int(value)
     except ValueError: v = 0
@@ -96,7 +91,7 @@ def _positive_int(value: str) -> int:
 def _positive_float(value: str) -> float:
     try: v = float(value)
     except ValueError: v = float("nan")
-    if not (v > 0 and np.isfinite(v)): raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
+    if not (v > 0 and math.isfinite(v)): raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
     return v
 
 def _setting(value: str) -> tuple:
@@ -104,6 +99,7 @@ def _setting(value: str) -> tuple:
     key, eq, raw = value.partition("=")
     method, dot, param = key.partition(".")
     if not (eq and dot and param): raise argparse.ArgumentTypeError(f"expected METHOD.PARAM=VALUE (e.g. aekd.C=0.8), got {value!r}")
+    from kdbook.learner import check_method_param
     try: check_method_param(method, param)
     except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
     for conv in (int, float):
@@ -111,18 +107,58 @@ def _setting(value: str) -> tuple:
         except ValueError: pass
     return method, param, raw
 
+def _names_in(module: str, attr: str):
+    "`attr` of kdbook's `module` (e.g. `MODELS` of `models`), imported only when an argument is checked."
+    return getattr(importlib.import_module(f"kdbook.{module}"), attr)
+
+def _choice(module: str, attr: str):
+    "An argument type: one of the names `attr` of kdbook's `module`, with argparse's words for a wrong one."
+    def check(value: str) -> str:
+        valid = tuple(_names_in(module, attr))
+        if value not in valid: raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(valid)})")
+        return value
+    return check
+
+def _listed(module: str, attr: str, what: str, first: bool = False):
+    "An argument type: comma-separated names from kdbook's `module.attr` (the registry's methods: `learner.registered_methods`)."
+    def check(value: str):
+        found = _names_in(module, attr)
+        valid = tuple(found() if callable(found) else found)
+        names = _names(value, valid, what)
+        return names[0] if first else names
+    return check
+
+def _one_model(value: str) -> str:
+    "An argument type: exactly one zoo architecture (the student)."
+    names = _names(value, tuple(_names_in("models", "MODELS")), "model")
+    if len(names) > 1: raise argparse.ArgumentTypeError(f"one student architecture, got {len(names)}: {', '.join(names)}")
+    return names[0]
+
+# %% ../nbs/90_cli.ipynb #e5b1c2d3
+BENCH_TIMES = {   # the wall times `kdbook bench --help` quotes, each measured with `time kdbook bench ...`
+    "quick": "75 s measured on a 2-core CPU with other work running (load average 7; 337 s at load 11)",
+    "peer": ("its first process of two (one per allocator setting) took 814 s, measured on a 2-core CPU with other "
+             "work running (load average 8 to 11)"),
+}
+
 # %% ../nbs/90_cli.ipynb #5e6cf68d
 def _run_parser(sub) -> None:
     d = PRESETS["digits"]
     r = sub.add_parser("run", help="train teachers, the student alone and one student per method; print the table")
-    r.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default: digits, embedded)")
-    r.add_argument("--teachers", type=lambda v: _names(v, MODELS, "model"),
-                   help=f"comma-separated teacher architectures (default: the preset's; digits: {','.join(d.teachers)})")
+    r.add_argument("--data", default="digits", type=_choice("data", "DATASETS"), metavar="NAME",
+                   help=f"dataset: {', '.join(PRESETS)} (default: digits, embedded; `kdbook data` says where each is)")
+    r.add_argument("--download", action="store_true",
+                   help="download --data through torchvision if no copy is found (needs internet); without it a "
+                        "missing dataset is an error naming where kdbook looked, and nothing is downloaded")
+    r.add_argument("--teachers", type=_listed("models", "MODELS", "model"),
+                   help=f"comma-separated teacher architectures of the zoo (default: the preset's; digits: "
+                        f"{','.join(d.teachers)}); a wrong name lists the valid ones")
     r.add_argument("--student", type=_one_model,
                    help=f"student architecture (default: the preset's; digits: {d.student})")
-    r.add_argument("--methods", type=lambda v: _names(v, registered_methods(), "method"),
-                   help=f"comma-separated methods, from the registry: {', '.join(registered_methods())} "
-                        f"(default: {','.join(DEFAULT_METHODS)}; with --experts: {','.join(EXPERT_METHODS)})")
+    r.add_argument("--methods", type=_listed("learner", "registered_methods", "method"),
+                   help=f"comma-separated methods of the registry, the book's and any a package registers (default: "
+                        f"{','.join(DEFAULT_METHODS)}; with --experts: {','.join(EXPERT_METHODS)}); a wrong name "
+                        "lists the valid ones")
     r.add_argument("--experts", type=_positive_int, metavar="N",
                    help="amalgamation (chapter 12): N expert teachers, each trained on its own group of the classes "
                         "(architectures cycled through --teachers); the students train with Adam (lr 1e-3 unless --lr, weight decay 1e-4); "
@@ -137,7 +173,8 @@ def _run_parser(sub) -> None:
                                   ("--teacher-epochs", _positive_int, "teacher epochs (teachers are cached)", d.teacher_epochs),
                                   ("--seeds", _positive_int, "seeds per method", d.seeds),
                                   ("--batch-size", _positive_int, "batch size", d.batch_size),
-                                  ("--lr", _positive_float, "peak learning rate", d.lr)):
+                                  ("--lr", _positive_float, "peak learning rate of the students and of the teachers: "
+                                   "teachers at a new lr are trained again (they are cached by their settings)", d.lr)):
         r.add_argument(flag, type=kind, help=f"{what} (default: the preset's; digits: {val})")
     r.add_argument("--teacher-weights", type=lambda v: [p.strip() for p in v.split(",") if p.strip()], metavar="FILES",
                    help="comma-separated public checkpoint files (RepDistiller / mdistiller CIFAR teachers, chapter 02) to "
@@ -153,12 +190,37 @@ def _run_parser(sub) -> None:
     r.add_argument("--out", default="kdbook-run", help="output folder for results.json, report.html, checkpoints (default: kdbook-run)")
     r.add_argument("--fresh", action="store_true", help="ignore finished runs in --out and start over")
     g = r.add_argument_group("several processes (chapter 06): start with torchrun --nproc_per_node=N -m kdbook.cli run ...")
-    g.add_argument("--backend", default="auto", choices=BACKENDS,
+    g.add_argument("--backend", default="auto", type=_choice("dist", "BACKENDS"),
                    help="process-group backend under torchrun (default: auto = nccl on GPUs, gloo on the CPU)")
-    g.add_argument("--lr-rule", default="global", choices=LR_RULES,
+    g.add_argument("--lr-rule", default="global", type=_choice("dist", "LR_RULES"),
                    help="global (default): the batch size is the global batch, split across the processes, lr unchanged "
                         "(the same training as one process); linear: each process takes the full batch and lr is multiplied by the number of processes")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
+
+class _BenchHelp(argparse.Action):
+    "`kdbook bench --help`: the stage names are chapter 30's (`BENCH_STAGES`), imported for this help alone."
+    def __init__(self, option_strings, dest, **kw): super().__init__(option_strings, dest, nargs=0, **kw)
+    def __call__(self, parser, namespace, values, option_string=None):
+        from kdbook.bench import BENCH_STAGES, QUICK_STAGES
+        for a in parser._actions:
+            if a.dest in ("only", "quick"):
+                a.help = a.help.replace("STAGES", ", ".join(QUICK_STAGES if a.dest == "quick" else BENCH_STAGES))
+        parser.print_help(); parser.exit()
+
+def _bench_parser(sub) -> None:
+    b = sub.add_parser("bench", add_help=False,
+                       help="measure the speed ratios (ours vs the straightforward way) on this machine, a line per stage")
+    b.add_argument("-h", "--help", action=_BenchHelp, help="show this help message and exit")
+    b.add_argument("--device", default="auto",
+                   help="where to measure: auto, cpu, cuda, cuda:N (default: auto = a GPU if any)")
+    b.add_argument("--quick", action="store_true",
+                   help=f"few repetitions of the headline stages only (STAGES): {BENCH_TIMES['quick']}")
+    b.add_argument("--only", type=lambda v: [n.strip() for n in v.split(",") if n.strip()], metavar="NAME,...",
+                   help="run these stages only, in this order (with --quick: each with few repetitions); stages: STAGES")
+    b.add_argument("--peer", action="store_true",
+                   help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side "
+                        f'on --device (needs pip install "kdbook[peer]"): {BENCH_TIMES["peer"]}')
+    b.epilog = "Each stage prints its time as it finishes; --quick and --only run less."
 
 def build_parser() -> argparse.ArgumentParser:
     "The `kdbook` argument parser: `run`, `data`, `bench`."
@@ -166,12 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kdbook {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _run_parser(sub)
-    sub.add_parser("data", help="list the datasets, where each was found and how to get a missing one")
-    b = sub.add_parser("bench", help="measure the speed ratios (ours vs the straightforward way) on this machine")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--peer", action="store_true",
-                   help="instead: one KD training step done by kdbook, torchdistill and a plain PyTorch loop, side by side on --device "
-                        '(needs pip install "kdbook[peer]"; about 30 s on 2 cores)')
+    dp = sub.add_parser("data", help="list the datasets, where each was found and how to get a missing one")
+    dp.add_argument("--download", type=_choice("data", "DATASETS"), metavar="NAME",
+                    help="download NAME through torchvision into kdbook's cache (needs internet), then list")
+    _bench_parser(sub)
     return p
 
 # %% ../nbs/90_cli.ipynb #160c468c
@@ -275,7 +335,7 @@ def _teachers_and_data(ds, teachers, am, memory, tcfg, log, weights=None) -> tup
     log(f"data: {ds.name} ({len(ds.train)} train / {len(ds.test)} test, from {ds.source})")
     t0 = time.perf_counter()
     if weights: tnets = load_teachers(weights, ds, archs=teachers, device=resolve_device(tcfg.device))
-    elif am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="console")
+    elif am is None: tnets = train_teachers(teachers, ds, seeds=list(range(len(teachers))), cfg=tcfg, progress="bar")
     else: tnets = am.train_experts(teachers, cfg=tcfg, progress="console", verbose=True)
     info = [_teacher_info(t) for t in tnets]
     for i, t in zip(info, am.tasks if am else []): i["classes"] = t.tolist()
@@ -337,7 +397,8 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
         if not current().active: _dry_run(ds, teachers, student, method_factories(methods, kwargs), scfg, am)
         am, tnets, info, train_ds = _teachers_and_data(ds, teachers, am, memory, tcfg, log, teacher_weights)
         res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
-                        out=out, fresh=fresh, on_error="record", log=log, tasks=am.tasks if am else None,
+                        out=out, fresh=fresh, on_error="record", log=log, baseline="student",
+                        tasks=am.tasks if am else None,
                         extra={"teachers": info, "teacher_cfg": None if teacher_weights else tcfg.to_dict(),
                                "normalization": normalization})
     finally: torch.set_num_threads(saved)
@@ -350,25 +411,33 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
 
 # %% ../nbs/90_cli.ipynb #628274a2
 def format_table(rows: list) -> str:
-    "The results table as plain text (`StudyResult.summary()` rows); one seed shows no spread."
+    "The results table as plain text (`StudyResult.summary()` rows); one seed shows no spread; `!` marks a diverged run."
     lines = [f"{'method':10s} {'top-1 (%)':>16s} {'gain':>7s} {'seconds':>8s}"]
     for r in rows:
-        name = "student" if r["method"] == "ce" else r["method"]
+        base = r.get("baseline", r["method"] == "ce")   # results.json files of earlier versions call it `ce`
+        name = "student" if base else r["method"]
         if r["mean"] is None:
             lines.append(f"{name:10s} {'failed':>16s} {'':>7s} {r['seconds']:8.1f}   {r['failed'][0]}")
             continue
         acc = f"{r['mean']:8.2f} ± {r['std']:5.2f}" if r["n"] > 1 else f"{r['mean']:8.2f}        "
-        gain = "" if r["method"] == "ce" or r["gain"] is None else f"{r['gain']:+.2f}"
+        gain = "" if base or r["gain"] is None else f"{r['gain']:+.2f}"
         note = f"   ({len(r['failed'])} failed)" if r["failed"] else ""
-        if r.get("tasks"): note += "   tasks: " + " / ".join(f"{a:.2f}" for a in r["tasks"]) + f" (mean {np.mean(r['tasks']):.2f})"
-        lines.append(f"{name:10s} {acc} {gain:>7s} {r['seconds']:8.1f}{note}")
+        if r.get("tasks"):
+            note += "   tasks: " + " / ".join(f"{a:.2f}" for a in r["tasks"]) + f" (mean {sum(r['tasks']) / len(r['tasks']):.2f})"
+        div = r.get("diverged") or []
+        if div: note += f"   ! diverged in {len(div)} of {r['n']} seeds: {div[0]}"
+        lines.append(f"{name:10s} {acc}{'!' if div else ' '}{gain:>7s} {r['seconds']:8.1f}{note}")
+    if any(r.get("diverged") for r in rows):
+        lines.append("! a diverged run learned nothing (top-1 not above chance, or its loss grew): try a lower --lr")
     return "\n".join(lines)
 
 # %% ../nbs/90_cli.ipynb #b1437144
 def report_figures(result: dict) -> list:
     "Plotly figures for the report, drawn by chapter 05's shared figures: top-1 per method (mean ± std) and the test curves."
     from kdbook.explain import curves_figure, method_bars, study_curves
-    return [method_bars(result["summary"], height=380), curves_figure(study_curves(result), height=380)]
+    shown = {r["method"] for r in result["summary"]}   # earlier runs of other settings stay in results.json, not here
+    runs = {k: r for k, r in result["runs"].items() if r["method"] in shown}
+    return [method_bars(result["summary"], height=380), curves_figure(study_curves({**result, "runs": runs}), height=380)]
 
 BOOK_URL = "https://kdbook.github.io/kdbook"
 
@@ -376,12 +445,18 @@ def _method_list(labels) -> str:
     "One HTML list item per method: its name, the paper it comes from, a link to the chapter that derives it."
     items = []
     for label in labels:
-        cls = registered_methods().get(label)
+        cls = registered_methods().get("ce" if label == "student" else label)
         if cls is None: items.append(f"<li>{html.escape(label)}</li>"); continue
         url = f"{BOOK_URL}/{cls.chapter}.html"
-        items.append(f'<li><b>{html.escape("student" if label == "ce" else label)}</b>: {html.escape(cls.paper)} '
+        items.append(f'<li><b>{html.escape("student" if label in ("ce", "student") else label)}</b>: {html.escape(cls.paper)} '
                      f'(<a href="{html.escape(url)}">chapter</a>)</li>')
     return "".join(items)
+
+def _diverged_note(rows: list) -> str:
+    "A warning paragraph naming the methods with a diverged run (marked `!` in the table), or nothing."
+    bad = [f"{r['method']} ({len(r['diverged'])} of {r['n']} seeds: {r['diverged'][0]})" for r in rows if r.get("diverged")]
+    return (f'<p style="color:#b00"><b>Diverged:</b> {html.escape("; ".join(bad))}. Their accuracy counts in the '
+            "table, marked !; a lower learning rate may help.</p>") if bad else ""
 
 def write_report(result: dict, path) -> Path:
     "Write the self-contained `report.html` (plotly embedded once, opens offline)."
@@ -394,36 +469,89 @@ def write_report(result: dict, path) -> Path:
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}}pre{{background:#f6f8fa;padding:1em}}</style>
 </head><body><h1>kdbook run: {esc(cfg['data'])}</h1>
 <p>Student <b>{esc(cfg['student'])}</b>, {len(cfg['seeds'])} seed(s), {cfg['cfg']['epochs']} epochs; kdbook {esc(cfg['version'])}.</p>
-<h2>Methods</h2><ul>{_method_list(cfg['methods'])}</ul>
+<h2>Methods</h2><ul>{_method_list([r['method'] for r in result['summary']])}</ul>
 <h2>Teachers</h2><ul>{teachers}</ul>
-<h2>Results</h2><pre>{esc(format_table(result['summary']))}</pre>
+<h2>Results</h2>{_diverged_note(result['summary'])}<pre>{esc(format_table(result['summary']))}</pre>
 {''.join(parts)}
 <h2>Configuration</h2><pre>{esc(json.dumps(cfg, indent=1))}</pre></body></html>"""
     return atomic_write_text(path, doc)
 
 # %% ../nbs/90_cli.ipynb #5ee436fd
+def _missing_line(name: str) -> str:
+    "One line for a dataset found nowhere: every place looked in, and the command that gets it."
+    from kdbook.data import dataset_locations
+    return (f"{name}: no copy found (looked in {', '.join(p for p, _ in dataset_locations(name))}); "
+            f"get it with: kdbook data --download {name}")
+
 def data_report() -> str:
     "Each dataset and where it was found; for a missing one, the places searched and how to get it."
+    from kdbook.data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
     lines = []
     for name in DATASETS:
         found = find_dataset(name)
         if found is not None: lines.append(f"{name:14s} found: {found}"); continue
         try: load_dataset(name, download=False); lines.append(f"{name:14s} found")
         except DatasetNotFoundError as e:
-            lines.append(f"{name:14s} not found; searched:")
+            lines.append(f"{name:14s} not found; get it with: kdbook data --download {name}; searched:")
             lines += [f"    {l.strip()}" for l in str(e).splitlines()[1:]]
     return "\n".join(lines)
 
-def bench_report(device: str = "auto", peer: bool = False) -> str:
-    "Measure, in this run, the speed ratios of the book on this machine; with `peer`, kdbook against torchdistill and a plain loop (CPU)."
+def _download(name: str) -> int | None:
+    "Download `name` through torchvision unless a copy is found: None when it is there, else one line and 2."
+    from kdbook.data import DatasetNotFoundError, cache_dir, find_dataset, load_dataset
+    if name == "digits" or find_dataset(name) is not None: return None
+    print(f"downloading {name} through torchvision into {cache_dir()}", flush=True)
+    try: load_dataset(name, download=True); return None
+    except DatasetNotFoundError as e:
+        cause = e.__cause__ or e
+        why = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        print(f"kdbook: error: {name}: the download failed ({why}); {_missing_line(name).split('; ', 1)[0]}", file=sys.stderr)
+        return 2
+
+def _find_data(args) -> int | None:
+    "`kdbook run`'s dataset, before anything is created or trained: found (downloaded with --download), or one line and 2."
+    from kdbook.data import find_dataset
+    if args.data == "digits" or find_dataset(args.data) is not None: return None
+    if args.download: return _download(args.data) if os.environ.get("RANK", "0") == "0" else None   # rank 0 fetches
+    print(f"kdbook: error: {_missing_line(args.data)} (or add --download)", file=sys.stderr)
+    return 2
+
+def _data_command(args) -> int:
+    "`kdbook data [--download NAME]`."
+    if args.download and (code := _download(args.download)): return code
+    print(data_report())
+    return 0
+
+def bench_report(device: str = "auto", peer: bool = False, quick: bool = False, only=None, log=None) -> str:
+    """Measure, in this run, the speed ratios of the book on this machine (`log`: a line per stage); with `peer`,
+    kdbook against torchdistill and a plain loop."""
     from kdbook.bench import run_benchmarks, format_benchmarks, peer_report, format_peer, require_torchdistill, PEER_FAST
+    from kdbook.learner import resolve_device
     if peer:
         require_torchdistill()   # before any timing: say how to install it
         from kdbook.bench import PeerSetting
         dev = str(resolve_device(device))   # all three contenders on it (a GPU: timed between device syncs)
-        return format_peer(peer_report(variants={"kdbook fast": PEER_FAST}, setting=PeerSetting(device=dev),
+        return format_peer(peer_report(variants={"kdbook fast": PEER_FAST}, setting=PeerSetting(device=dev), log=log,
                                        allocators=("default", "keep") if dev == "cpu" else ("default",)))
-    return format_benchmarks(run_benchmarks(device=device))
+    return format_benchmarks(run_benchmarks(device=device, quick=quick, only=only, log=log))
+
+def _bench_command(args) -> int:
+    "`kdbook bench`: a line per stage as it finishes, then the results; Ctrl-C stops it with one line and exit 130."
+    if args.peer and (args.quick or args.only):
+        print("kdbook: error: --quick and --only pick stages of the ratios; --peer is a comparison of its own", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try: print(bench_report(_check_device(args.device), args.peer, args.quick, args.only,
+                            log=lambda line: print(line, flush=True)))
+    except (ImportError, ValueError) as e:   # torchdistill missing (how to install it), an unknown stage or device
+        if isinstance(e, ImportError) and not args.peer: raise
+        print(f"kdbook: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt:
+        print("\nkdbook: bench interrupted; a benchmark keeps nothing: run it again (--quick or --only NAME,... for less)",
+              file=sys.stderr)
+        return 130
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #b926803a
 class Terminated(KeyboardInterrupt):
@@ -467,14 +595,9 @@ def _run_command(args) -> tuple:
 def main(argv=None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
-    if args.command == "data": print(data_report()); return 0
-    if args.command == "bench":
-        try: print(bench_report(_check_device(args.device), peer=args.peer))
-        except ValueError as e: print(f"kdbook: error: {e}", file=sys.stderr); return 2
-        except ImportError as e:
-            if not args.peer: raise
-            print(f"kdbook: error: {e}", file=sys.stderr); return 2   # torchdistill missing: how to install it
-        return 0
+    if args.command == "data": return _data_command(args)
+    if args.command == "bench": return _bench_command(args)
+    if (code := _find_data(args)) is not None: return code   # before --out is created or anything trains
     t0 = time.perf_counter()
     code, res, d = _run_command(args)
     if res is None: return code
@@ -483,6 +606,9 @@ def main(argv=None) -> int:
     print(format_table(res["summary"]))
     print(f"\nresults: {Path(args.out) / 'results.json'}   report: {Path(args.out) / 'report.html'}   "
           f"total {time.perf_counter() - t0:.0f}s")
+    for r in res["summary"]:
+        if r.get("diverged"): print(f"kdbook: warning: {r['method']} diverged in {len(r['diverged'])} of {r['n']} seeds "
+                                    f"({r['diverged'][0]}); try a lower --lr", file=sys.stderr)
     failed = [r["method"] for r in res["summary"] if r["failed"]]
     if failed: print(f"kdbook: some runs failed: {', '.join(failed)} (errors in results.json)", file=sys.stderr)
     return 1 if failed else 0

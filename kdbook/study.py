@@ -6,7 +6,7 @@ Docs: https://kdbook.github.io/kdbook/study.html.md"""
 
 # %% ../nbs/07_study.ipynb #03dda5d0
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import dataclasses, hashlib, json, shutil, time, traceback
+import dataclasses, hashlib, json, shutil, sys, time, traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +24,13 @@ from .data import ImageDataset, cache_dir
 from .dist import barrier, broadcast_object, current
 from .models import REPDISTILLER_CIFAR100_MEAN, REPDISTILLER_CIFAR100_STD, create_model, from_public_checkpoint
 from .models import infer_public_arch, load_public_state_dict
-from .learner import (Method, TrainConfig, Distiller, NonFiniteLossError, WriteError, atomic_write_dir, atomic_write_text,
+from .learner import (Callback, Method, TrainConfig, Distiller, NonFiniteLossError, WriteError, atomic_write_dir, atomic_write_text,
                             exclusive, make_method, notices, remove_stale_temporaries, set_aside, write_safetensors)
 
 # %% auto #0
-__all__ = ['NORMALIZATIONS', 'dataset_fingerprint', 'teacher_key', 'train_teachers', 'with_normalization', 'teacher_accuracy',
-           'load_teachers', 'model_fingerprint', 'StudyResult', 'method_factories', 'run_study']
+__all__ = ['NORMALIZATIONS', 'FINISHED', 'DIVERGED_LOSS_GROWTH', 'dataset_fingerprint', 'teacher_key', 'TeacherBar',
+           'train_teachers', 'with_normalization', 'teacher_accuracy', 'load_teachers', 'model_fingerprint',
+           'StudyResult', 'above_chance', 'divergence', 'method_factories', 'run_study']
 
 # %% ../nbs/07_study.ipynb #96086e12
 def dataset_fingerprint(data: ImageDataset) -> str:
@@ -56,6 +57,29 @@ def teacher_key(arch: str, data: ImageDataset, cfg: TrainConfig, fingerprint: st
             "in_channels": data.in_channels, "cfg": _train_key(cfg), "format": 1, **_dist_key()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
+# %% ../nbs/07_study.ipynb #d1a2e3f9
+class TeacherBar(Callback):
+    """One line per teacher (`train_teachers(progress='bar')`): redrawn after every epoch on a terminal, else
+    printed once at the end."""
+    order = -10
+    def __init__(self, name: str, width: int = 20): self.name, self.width = name, width
+
+    def _line(self, learn) -> str:
+        r, n = learn.history[-1], learn.cfg.epochs
+        done = r["epoch"] + 1
+        fill = self.width * done // n
+        acc = f"  top-1 {r['test_top1']:.2f}%" if "test_top1" in r else ""
+        return (f"{self.name} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{n} epochs  loss {r['train_loss']:.3f}"
+                f"{acc}  {time.perf_counter() - self.t0:.0f}s")
+
+    def before_fit(self, learn): self.t0, self.tty = time.perf_counter(), sys.stdout.isatty() and current().is_main
+
+    def after_epoch(self, learn):
+        if self.tty: print("\r" + self._line(learn), end="", flush=True)
+
+    def after_fit(self, learn):
+        if current().is_main and learn.history: print(("\r" if self.tty else "") + self._line(learn), flush=True)
+
 # %% ../nbs/07_study.ipynb #68ba1241
 def _read_teacher(folder: Path, model: nn.Module):
     "(weights, info) of the cache entry `folder` if it holds a teacher that fits `model`; None, with a notice, if not."
@@ -74,10 +98,10 @@ def _read_teacher(folder: Path, model: nn.Module):
                         "training it again")
         return None
 
-def _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress) -> dict:
+def _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress, bar=()) -> dict:
     "Train one teacher and write it into its cache entry `folder` (rank 0); its info record."
     t0 = time.perf_counter()
-    try: hist = Distiller(model, Method(), data, cfg=cfg, progress=progress).fit()
+    try: hist = Distiller(model, Method(), data, cfg=cfg, progress=False if bar else progress, callbacks=list(bar)).fit()
     except NonFiniteLossError as e:   # one line naming the teacher and where it diverged
         raise NonFiniteLossError(f"teacher {arch} (seed {seed}) diverged: {str(e).split(';')[0].split(' of method')[0]}; "
                                  f"train it with a learning rate below {cfg.lr:g}") from None
@@ -105,8 +129,10 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
             model.load_state_dict(found[0])
             info = found[1] | {"cached": True}
         else:
-            if verbose and d.is_main: print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
-            info = _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress) | {"cached": False}
+            bar = [TeacherBar(f"teacher {arch} (seed {seed})")] if progress == "bar" else []
+            if verbose and d.is_main and not bar:
+                print(f"training teacher {arch} (seed {seed}, cache key {folder.name})", flush=True)
+            info = _fit_teacher(arch, seed, model, data, cfg, folder, fp, progress, bar) | {"cached": False}
     model.cpu().eval().info = info
     return model
 
@@ -115,7 +141,8 @@ def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequen
                    epochs: int = 30, cfg: TrainConfig | None = None, cache=None, progress: bool | str = "auto",
                    verbose: bool = True) -> list:
     """Train (or load from the cache) one teacher per (arch, seed) pair; `archs` and `seeds` are zipped when
-    equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`."""
+    equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`.
+    `progress="bar"`: one line per teacher (`TeacherBar`) instead of the `Distiller`'s line per epoch."""
     archs, seeds = ([archs] if isinstance(archs, str) else list(archs)), list(seeds)
     pairs = list(zip(archs, seeds)) if len(archs) == len(seeds) else [(a, s) for a in archs for s in seeds]
     base = cfg or TrainConfig(epochs=epochs)
@@ -192,19 +219,27 @@ class StudyResult:
 
     def top1(self, label: str) -> list:
         "Final top-1 (%) of each finished seed of `label`."
-        return [r["top1"] for r in self.runs.values() if r["method"] == label and r["status"] == "ok"]
+        return [r["top1"] for r in self.runs.values() if r["method"] == label and r["status"] in FINISHED]
+
+    def labels(self) -> list:
+        "The methods a summary shows: this study's, then earlier runs' of other methods with the same settings."
+        mine, seeds, study = list(self.config["methods"]), self.config["seeds"], self.config.get("study")
+        others = [r["method"] for r in self.runs.values() if r["method"] not in mine and study is not None
+                  and r.get("study") == study and r["seed"] in seeds and r["status"] in FINISHED]
+        return mine + list(dict.fromkeys(others))
 
     def summary(self) -> list:
-        "One row per method: top-1 mean and std over seeds, gain over the student alone (`ce`), seconds, failures."
-        rows, base = [], None
-        for label in self.config["methods"]:
+        "One row per method: top-1 mean and std over seeds, gain over the student alone, seconds, failures, divergences."
+        rows, base, base_label = [], None, self.config.get("baseline", "ce")
+        for label in self.labels():
             rs, ok = [r for r in self.runs.values() if r["method"] == label], self.top1(label)
-            row = {"method": label, "n": len(ok), "failed": [r["error"] for r in rs if r["status"] != "ok"],
+            row = {"method": label, "n": len(ok), "failed": [r["error"] for r in rs if r["status"] not in FINISHED],
+                   "diverged": [r["diverged"] for r in rs if r["status"] == "diverged"], "baseline": label == base_label,
                    "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
                    "seconds": sum(r["seconds"] for r in rs)}
             tasks = [r["tasks"] for r in rs if r["status"] == "ok" and r.get("tasks")]
             if tasks: row["tasks"] = np.mean(tasks, axis=0).tolist()
-            if label == "ce": base = row["mean"]
+            if row["baseline"]: base = row["mean"]
             row["gain"] = None if row["mean"] is None or base is None else row["mean"] - base
             rows.append(row)
         return rows
@@ -212,6 +247,28 @@ class StudyResult:
     def to_json(self) -> dict:
         "What `results.json` holds."
         return {"config": self.config, "runs": self.runs, "summary": self.summary(), **self.extra}
+
+# %% ../nbs/07_study.ipynb #d1a2e3f5
+FINISHED = ("ok", "diverged")   # statuses of a run that trained to the end (a diverged one learned nothing)
+DIVERGED_LOSS_GROWTH = 3.0      # a run whose last epoch's training loss exceeds this many times its first epoch's diverged
+
+def above_chance(top1: float, # top-1 accuracy (%)
+                 n_classes: int, n_test: int, # the test set: classes, images
+                 alpha: float = 1e-3) -> bool:
+    "Whether `top1` on `n_test` images beats guessing among `n_classes`: a one-sided binomial test at level `alpha`."
+    from scipy.stats import binom
+    correct = round(top1 / 100 * n_test)
+    return bool(binom.sf(correct - 1, n_test, 1 / n_classes) < alpha)   # P(X >= correct) under chance
+
+def divergence(rec: dict, n_classes: int, n_test: int) -> str | None:
+    "Why a finished run (a `run_study` record) diverged: its loss grew or is not finite, or its top-1 is chance; else None."
+    losses = [h["train_loss"] for h in rec.get("history") or []]
+    if not all(np.isfinite(losses)): return "the training loss is not finite"
+    if len(losses) > 1 and losses[-1] > DIVERGED_LOSS_GROWTH * losses[0]:
+        return f"the training loss grew {losses[-1] / losses[0]:.1f}x, from {losses[0]:.3g} to {losses[-1]:.3g}"
+    if not above_chance(rec["top1"], n_classes, n_test):
+        return f"top-1 {rec['top1']:.2f}% is not above chance ({100 / n_classes:.2f}% for {n_classes} classes)"
+    return None
 
 # %% ../nbs/07_study.ipynb #8b40a669
 def method_factories(methods, settings: Mapping) -> dict:
@@ -236,7 +293,7 @@ def method_factories(methods, settings: Mapping) -> dict:
 
 def _finished_record(r) -> bool:
     "A record of a finished run, with everything a reuse reads."
-    return (isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("key"), str)
+    return (isinstance(r, dict) and r.get("status") in FINISHED and isinstance(r.get("key"), str)
             and all(isinstance(r.get(k), (int, float)) for k in ("top1", "top5", "seconds", "seed"))
             and isinstance(r.get("method"), str))
 
@@ -246,7 +303,7 @@ def _results_runs(path: Path) -> dict:
     try:
         runs = json.loads(path.read_text())["runs"]
         if not isinstance(runs, dict): raise ValueError(f"'runs' is a {type(runs).__name__}, not a mapping")
-        bad = [k for k, r in runs.items() if isinstance(r, dict) and r.get("status") == "ok" and not _finished_record(r)]
+        bad = [k for k, r in runs.items() if isinstance(r, dict) and r.get("status") in FINISHED and not _finished_record(r)]
         if bad: raise ValueError(f"the record of {bad[0]!r} lacks a field of a finished run")
     except (OSError, ValueError, KeyError, TypeError) as e:
         notices.warning(f"kdbook: {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); set aside as "
@@ -266,6 +323,40 @@ def _finished_runs(out: Path) -> dict:
         else: notices.warning(f"kdbook: run record {f} cannot be read; that run is trained again")
     return found
 
+# %% ../nbs/07_study.ipynb #d1a2e3f7
+def _earlier_results(path: Path) -> dict:
+    "What an earlier results.json says besides its runs (its configuration, the teachers' config), or {}."
+    try: res = json.loads(path.read_text())
+    except (OSError, ValueError): return {}
+    return {k: v for k, v in res.items() if k not in ("runs", "summary")} if isinstance(res, dict) else {}
+
+def _as_baseline(runs: dict, label: str | None) -> dict:
+    """Earlier runs ("label/seed" -> {key: record}), the student alone's (once labelled `ce`) under `label`: a
+    results.json or run record of either name is read."""
+    if not label or label == "ce": return runs
+    out = {}
+    for recs in runs.values():
+        for key, r in recs.items():
+            r = r | {"method": label} if r["method"] == "ce" else r
+            out.setdefault(f"{r['method']}/{r['seed']}", {})[key] = r
+    return out
+
+def _changes(earlier: dict, config: dict, prev: dict, hparams: dict) -> str:
+    "The settings that differ between an earlier run (its results.json and record) and this one, as 'lr 0.05 -> 0.2'."
+    was, now = earlier.get("config", {}), json.loads(json.dumps(config, default=str))   # as results.json holds it
+    diffs = [f"{k} {was['cfg'].get(k)} -> {v}" for k, v in now["cfg"].items()
+             if k not in ("seed", "device", "eval_batch_size") and k in was.get("cfg", {}) and was["cfg"][k] != v]
+    diffs += [f"teachers' {k} {earlier['teacher_cfg'].get(k)} -> {v}" for k, v in (now.get("teacher_cfg") or {}).items()
+              if k not in ("seed", "device", "eval_batch_size") and k in (earlier.get("teacher_cfg") or {})
+              and earlier["teacher_cfg"][k] != v]
+    diffs += [f"{what} {was.get(k)} -> {now.get(k)}" for k, what in (("data", "dataset"), ("student", "student"),
+              ("teachers", "teachers"), ("version", "kdbook")) if k in was and was[k] != now.get(k)]
+    if was.get("fingerprint") not in (None, now["fingerprint"]) and was.get("data") == now["data"]: diffs.append("the data")
+    diffs += [f"{k} {prev['hparams'].get(k)} -> {v}" for k, v in hparams.items() if prev.get("hparams", {}).get(k, v) != v]
+    if not diffs and was.get("teacher_fingerprints") not in (None, now.get("teacher_fingerprints")):
+        diffs.append("the teachers' weights")
+    return ", ".join(diffs) or "the student's initial weights, the tasks or the process count"
+
 # %% ../nbs/07_study.ipynb #ce16170c
 def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
     "The hash of everything that shapes a run's result."
@@ -274,12 +365,21 @@ def _run_key(data_fp, net, method, teacher_fps, cfg, tasks) -> str:
                     "teachers": teacher_fps if method.needs_teachers else None,
                     "tasks": [t.tolist() for t in tasks] if tasks else None, **_dist_key()})
 
+def _study_key(config: dict, cfg: TrainConfig, tasks) -> str:
+    "The hash of all that a study's runs share but their method and seed: runs of other methods with it are comparable."
+    return _digest({k: config[k] for k in ("fingerprint", "student", "teacher_fingerprints", "version")} | _dist_key()
+                   | {"cfg": {k: v for k, v in _train_key(cfg).items() if k != "seed"},
+                      "tasks": [t.tolist() for t in tasks] if tasks else None})
+
+def _hparams(method) -> dict: return json.loads(json.dumps(method.hparams(), default=str))   # as results.json holds them
+
 def _train_run(label, seed, net, method, key, ctx) -> dict:
     """Train one student; its record, also written to the run's own `record.json` (a failure is recorded when
     `ctx['on_error']` is 'record'; a file that cannot be written stops the study)."""
     t0, out = time.perf_counter(), ctx["out"]
     run_dir = None if out is None else out / "runs" / "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label) / f"seed{seed}-{key[:10]}"
-    rec = {"method": label, "seed": seed, "key": key, "hparams": json.loads(json.dumps(method.hparams(), default=str))}
+    rec = {"method": label, "seed": seed, "key": key, "hparams": _hparams(method),
+           "study": ctx.get("study")}
     if ctx["fresh"] and run_dir is not None and run_dir.exists() and current().is_main: shutil.rmtree(run_dir)   # start over: no resume
     barrier()
     try:
@@ -290,6 +390,7 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
         rec |= {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"),
                 "tasks_any": last.get("test_tasks_any"), "seconds": time.perf_counter() - t0, "reused": False,
                 "record": method.record(), "history": [{k: r[k] for k in ("epoch", "train_loss", "test_top1")} for r in d.history]}
+        if why := divergence(rec, ctx["data"].n_classes, len(ctx["data"].test)): rec |= {"status": "diverged", "diverged": why}
         if run_dir is not None and current().is_main: atomic_write_text(run_dir / "record.json", json.dumps(rec, default=str))
         return rec
     except WriteError: raise   # a full disk or a read-only file: every later run would fail the same way
@@ -298,8 +399,16 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
         return rec | {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                       "seconds": time.perf_counter() - t0}
 
+def _checked_run(label, seed, net, method, key, ctx, log) -> dict:
+    "`_train_run` (a run that learned nothing is marked diverged there, `divergence`), and its line in the log."
+    rec = _train_run(label, seed, net, method, key, ctx)
+    log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] in FINISHED
+                                         else f"FAILED ({rec['error']})")
+        + (f"  DIVERGED: {rec['diverged']}" if rec["status"] == "diverged" else ""))
+    return rec
+
 # %% ../nbs/07_study.ipynb #d5a8c3e1
-def _run_all(res: StudyResult, makers: dict, student, old: dict, data_fp, teacher_fps, ctx, log) -> None:
+def _run_all(res: StudyResult, makers: dict, student, old: dict, earlier: dict, data_fp, teacher_fps, ctx, log) -> None:
     "Train (or reuse) every (method, seed) run into `res`, rewriting results.json after each."
     data, cfg, out, tasks = ctx["data"], ctx["cfg"], ctx["out"], ctx["tasks"]
     def save():
@@ -314,13 +423,15 @@ def _run_all(res: StudyResult, makers: dict, student, old: dict, data_fp, teache
             prev = old.get(name, {}).get(key)
             if prev is not None:
                 res.runs[name] = prev | {"reused": True}
-                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when trained)")
+                log(f"{label:10s} seed {seed}: top-1 {prev['top1']:.2f}%  (reused: same settings, {prev['seconds']:.1f}s when "
+                    f"trained)" + (f"  DIVERGED: {prev['diverged']}" if prev["status"] == "diverged" else ""))
                 continue
-            if old.get(name): log(f"{label:10s} seed {seed}: settings changed since the run in {out}; training again")
-            res.runs[name] = rec = _train_run(label, seed, net, method, key, ctx)
-            if rec["status"] == "ok": res.methods[name] = method
-            log(f"{label:10s} seed {seed}: " + (f"top-1 {rec['top1']:.2f}%  ({rec['seconds']:.1f}s)" if rec["status"] == "ok"
-                                                 else f"FAILED ({rec['error']})"))
+            if old.get(name):
+                why = _changes(earlier, res.config | {"teacher_cfg": res.extra.get("teacher_cfg")},
+                               list(old[name].values())[-1], _hparams(method))
+                log(f"{label:10s} seed {seed}: settings changed since the run in {out} ({why}); training again")
+            res.runs[name] = rec = _checked_run(label, seed, net, method, key, ctx, log)
+            if rec["status"] in FINISHED: res.methods[name] = method
             save()
     save()
 
@@ -332,7 +443,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               seeds: Sequence[int] = (0,), # one student per method and seed
               cfg: TrainConfig | None = None, # the students' training configuration (its seed is each run's)
               settings: Mapping[str, dict] | None = None, # method name -> hyper-parameters, for methods given by name
-              baseline: bool = True, # also train the student alone (`ce`), first, unless listed
+              baseline: bool | str = True, # also train the student alone, first, labelled `ce` (or this label)
               out=None, # folder for results.json, checkpoints and reuse (None: nothing written)
               fresh: bool = False, # ignore finished runs and checkpoints in `out`: train everything again
               tasks: Sequence[Tensor] | None = None, # class ids per task: per-task accuracy (amalgamation)
@@ -344,18 +455,23 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     With `out`, the study holds the folder's lock: a second study on the same folder waits, then reuses what this one finished."""
     if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     makers = method_factories(methods, dict(settings or {}))
-    if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
+    base = "ce" if baseline is True else (baseline or None)   # the student alone's label (`kdbook run`: "student")
+    if base and base not in makers and "ce" not in makers: makers = {base: Method, **makers}
     cfg, log, out = cfg or TrainConfig(), log or (lambda *a: None), (Path(out) if out is not None else None)
     data_fp, teacher_fps = dataset_fingerprint(data), [model_fingerprint(t) for t in teachers or []]
-    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
-              **current().to_dict()}   # world_size, backend, lr_rule (chapter 06)
+              "baseline": base, "teacher_fingerprints": teacher_fps, **current().to_dict()}   # world_size, backend, lr_rule
+    config["study"] = _study_key(config, cfg, tasks)
+    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh, study=config["study"])
     res = StudyResult(config, {}, extra=dict(extra or {}))
     main = out is not None and current().is_main   # under DDP rank 0 holds the lock, reads the finished runs, writes
     with exclusive(out / ".lock", f"output folder {out}") if main else nullcontext():
         if main: remove_stale_temporaries(out)
-        old = broadcast_object(_finished_runs(out) if main and not fresh else {})
-        _run_all(res, makers, student, old, data_fp, teacher_fps, ctx, log)
+        old = _as_baseline(broadcast_object(_finished_runs(out) if main and not fresh else {}), base)
+        earlier = broadcast_object(_earlier_results(out / "results.json") if main and old else {})
+        res.runs.update({n: list(rs.values())[-1] | {"reused": False, "kept": True} for n, rs in old.items()
+                         if list(rs.values())[-1]["method"] not in makers})   # other methods' runs stay in results.json
+        _run_all(res, makers, student, old, earlier, data_fp, teacher_fps, ctx, log)
     return res

@@ -38,12 +38,13 @@ def test_three_runs_started_together_in_one_folder_train_each_run_and_teacher_on
     done = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in done]
     stdout = "".join(o for o, _ in done)
-    assert stdout.count("training teacher") == 2, stdout            # each teacher once, into one cache
-    assert len(_trained_lines(stdout)) == 4, stdout                  # ce/0, ce/1, aver/0, aver/1: each trained once
+    trained = [l for l in stdout.splitlines() if re.match(r"teacher \S+ \(seed \d+\) \[#+\] ", l)]   # a teacher's bar
+    assert len(trained) == 2, stdout                                 # each teacher once, into one cache
+    assert len(_trained_lines(stdout)) == 4, stdout                  # student/0, student/1, aver/0, aver/1: each trained once
     assert "waiting for it to finish" in "".join(e for _, e in done)
     for o, e in done: assert "Traceback" not in e, e
     res = json.loads((out / "results.json").read_text())
-    assert sorted(res["runs"]) == ["aver/0", "aver/1", "ce/0", "ce/1"]
+    assert sorted(res["runs"]) == ["aver/0", "aver/1", "student/0", "student/1"]
     assert all(r["status"] == "ok" for r in res["runs"].values()), res["runs"]
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
 
@@ -263,7 +264,7 @@ def test_a_full_disk_is_one_line_exit_1_leaves_no_temporary_and_loses_nothing_fi
         label, seed = name.split("/")
         assert re.search(rf"^{label}\s+seed {seed}: top-1 .*reused", r["out"][1], re.M), (name, r["out"][1])
     res = json.loads(((r["after"][1] / "out") if where == "out" else tmp_path / "out").joinpath("results.json").read_text())
-    assert sorted(res["runs"]) == ["aver/0", "aver/1", "ce/0", "ce/1"]
+    assert sorted(res["runs"]) == ["aver/0", "aver/1", "student/0", "student/1"]
     assert all(v["status"] == "ok" for v in res["runs"].values())
     assert not [p for p in r["after"][1].rglob("*") if ".tmp-" in p.name]
 
@@ -305,4 +306,4 @@ def test_a_simulated_full_disk_in_a_checkpoint_write_stops_the_study(tmp_path, m
                         r"epoch-0001 \([\d,]+ bytes to write\): No space left on device", lines[0]), lines[0]
     assert not [p for p in (tmp_path / "o").rglob("*") if ".tmp-" in p.name]
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok"}   # the finished run kept, none recorded failed
+    assert {k: v["status"] for k, v in res["runs"].items()} == {"student/0": "ok"}   # the finished run kept, none recorded failed

@@ -221,9 +221,11 @@ def test_kdbook_run_distils_from_public_checkpoint_files(tmp_path):
                                "--out", str(tmp_path / out), *flags], capture_output=True, text=True, env=env, timeout=600)
     r = run("--teacher-weights", ",".join(files))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "training teacher" not in r.stdout and "teachers: resnet8 " in r.stdout and "wrn_16_1 " in r.stdout
+    assert "epochs  loss" not in r.stdout and "training teacher" not in r.stdout   # no teacher trained (no bar, no line)
+    assert "teachers: resnet8 " in r.stdout and "wrn_16_1 " in r.stdout
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert {k: v["status"] for k, v in res["runs"].items()} == {"ce/0": "ok", "aver/0": "ok", "aekd/0": "ok"}
+    assert sorted(res["runs"]) == ["aekd/0", "aver/0", "student/0"]   # finished (on six test images: maybe "diverged")
+    assert {v["status"] for v in res["runs"].values()} <= {"ok", "diverged"}
     assert [t["weights"] for t in res["teachers"]] == files and res["normalization"] == "dataset"
     # the teachers' accuracy is measured here, by an independent pass over the test split
     from kdbook.data import load_dataset
