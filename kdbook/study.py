@@ -228,7 +228,9 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
     try:
         d = Distiller(net, method, ctx["data"], teachers=ctx["teachers"] if method.needs_teachers else None,
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
-                      progress=False, tasks=ctx["tasks"])
+                      progress=False, tasks=ctx["tasks"],
+                      teacher_logits=ctx["teacher_cache"] if method.needs_teachers else None)
+        rec["teacher_cache"] = d.uses_teacher_logits
         last = d.fit()[-1]
         return rec | {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"), "tasks_any": last.get("test_tasks_any"),
                       "seconds": time.perf_counter() - t0, "reused": False, "record": method.record(),
@@ -253,6 +255,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               on_error: str = "raise", # "raise", or "record" a failed run and go on
               log: Callable | None = None, # e.g. `print`: one line per run
               extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
+              teacher_cache=None, # the teachers' logits by (image, view) for logit-only methods (chapter 09's cache)
              ) -> StudyResult:
     "Train the student alone and one student per method and seed; reuse a finished run only if every setting matches."
     if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
@@ -260,7 +263,8 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
     if baseline and "ce" not in makers: makers = {"ce": Method, **makers}
     cfg, log, out = cfg or TrainConfig(), log or (lambda *a: None), (Path(out) if out is not None else None)
     data_fp, teacher_fps = dataset_fingerprint(data), [model_fingerprint(t) for t in teachers or []]
-    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh)
+    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh,
+               teacher_cache=teacher_cache)
     config = {"data": data.name, "fingerprint": data_fp, "student": student if isinstance(student, str) else repr(student),
               "teachers": [getattr(t, "info", {}).get("arch", type(t).__name__) for t in teachers or []],
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
