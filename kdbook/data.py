@@ -378,7 +378,7 @@ class DeviceLoader:
                  drop_last: bool | None = None, # default: `train`
                  channels_last: bool | None = None, # default: on CUDA
                  rank: int = 0, world_size: int = 1, # under DDP: this rank's share of every global batch (train) or of the split (eval)
-                 views: bool = False, # also yield each sample's view index (`view_index`): `(x, y, idx, view)`
+                 views: bool = False, # also yield each sample's view index: `(x, y, idx, view)`
                 ):
         C = split.x.shape[1]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

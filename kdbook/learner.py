@@ -403,7 +403,7 @@ class Distiller:
                  callbacks: Sequence[Callback] = (), progress: bool | str = "auto", live_plot: bool = False,
                  check_every: int = 50, # steps between reads of the on-device non-finite flag
                  tasks: Sequence[Tensor] | None = None, # class ids of each task, for per-task accuracy
-                 teacher_logits=None): # the teachers' logits by (image, view) instead of running them (chapter 09)
+                 teacher_logits=None): # the teachers' logits by (image, view), not computed (chapter 09)
         if data is None: raise ValueError("data must be an ImageDataset (see kdbook.data.load_dataset), got None")
         self.cfg, self.method = cfg or TrainConfig(), (method if method is not None else Method())
         if not isinstance(self.method, Method):
@@ -434,6 +434,7 @@ class Distiller:
             data, self.batch_per_rank, device=self.device, seed=self.cfg.seed, eval_batch_size=self.cfg.eval_batch_size,
             augment=self.cfg.augment, channels_last=self.channels_last, rank=self.dist.rank, world_size=W,
             views=teacher_logits is not None)
+        if hasattr(teacher_logits, "check_loader"): teacher_logits.check_loader(self.train_dl)
         self.steps_per_epoch = len(self.train_dl)
         self._collect_callbacks(callbacks, progress, live_plot, resume)
         self.history, self.epoch, self.step, self.global_step = [], 0, 0, 0
@@ -497,7 +498,7 @@ def _autocast(self: Distiller):
 # %% ../nbs/03_learner.ipynb #a3b89711
 @patch
 def train_step(self: Distiller, batch) -> dict:
-    "One optimisation step on `batch` = (x, y, idx[, view]); returns the method's logs (tensors, no host sync)."
+    "One optimisation step on `batch` = (x, y, idx[, view]); returns the method's logs (tensors, no sync)."
     x = batch[0]
     with self._autocast():
         s = self.forward(x)
@@ -517,7 +518,8 @@ def train_step(self: Distiller, batch) -> dict:
 def uses_teacher_logits(self: Distiller) -> bool:
     "Whether the steps read the teachers' logits from `teacher_logits` instead of running the teachers."
     m = self.method
-    return self.teacher_logits is not None and self.bank is not None and m.teacher_outputs and not m.teacher_feats
+    return (self.teacher_logits is not None and self.bank is not None and m.teacher_outputs
+            and not m.teacher_feats)
 
 # %% ../nbs/03_learner.ipynb #e52c0db5
 @patch

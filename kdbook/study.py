@@ -255,7 +255,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               on_error: str = "raise", # "raise", or "record" a failed run and go on
               log: Callable | None = None, # e.g. `print`: one line per run
               extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
-              teacher_cache=None, # the teachers' logits by (image, view) for logit-only methods (chapter 09's cache)
+              teacher_cache=None, # the teachers' logits by (image, view) for logit-only methods (chapter 09)
              ) -> StudyResult:
     "Train the student alone and one student per method and seed; reuse a finished run only if every setting matches."
     if on_error not in ("raise", "record"): raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
