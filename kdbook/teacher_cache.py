@@ -85,9 +85,12 @@ def _progress(progress, total: int) -> Callable[[int], None]:
     "An update function: a callable `progress(done, total)`, a fastprogress bar (True) or nothing (False)."
     if callable(progress): return lambda done: progress(done, total)
     if not progress: return lambda done: None
-    from fastprogress.fastprogress import progress_bar
+    from fastprogress.fastprogress import ConsoleProgressBar, progress_bar
     bar = progress_bar(range(total)); bar.comment = "teacher cache"; bar.update(0)
-    return bar.update
+    def update(done):
+        bar.update(done)
+        if done == total and isinstance(bar, ConsoleProgressBar): print(flush=True)   # end the bar's line
+    return update
 
 def _logit_rows(out) -> Tensor:
     "All teachers' logits of a batch side by side, `[B, ΣC]`, on the CPU."
@@ -239,12 +242,12 @@ def plan_teacher_cache(mode: str, # "auto": when it saves teacher passes; "on": 
         raise ValueError(f"teacher cache mode must be auto, on or off, got {mode!r}")
     users = [label for label, m in methods.items() if reads_logits_only(m)]
     nbytes, N, V = cache_bytes(n_images, pad, flip, n_logits, dtype), n_images, n_views(pad, flip)
-    build, live = V * N, len(users) * seeds * epochs * N
+    build, live, views = V * N, len(users) * seeds * epochs * N, f"{V} view{'s' * (V != 1)}"
     def plan(use, why): return CachePlan(use, "teacher cache: " + why, nbytes, users)
     if mode == "off": return plan(False, "off; the teachers run at every step")
     if not users: return plan(False, "not built: no method here reads the teachers' logits alone")
     if mode == "auto" and build >= live:
-        return plan(False, f"not built: {V} views × {N:,} images = {build:,} teacher passes, "
+        return plan(False, f"not built: {views} × {N:,} images = {build:,} teacher passes, "
                            f"no fewer than the runs' {live:,}")
     if nbytes > max_bytes:
         return plan(False, f"not built: {_size(nbytes)} is over the limit of {_size(max_bytes)} "
@@ -254,7 +257,7 @@ def plan_teacher_cache(mode: str, # "auto": when it saves teacher passes; "on": 
     if nbytes > free:
         return plan(False, f"not built: {_size(nbytes)} is more than the {_size(free)} free on disk; "
                            "the teachers run live")
-    return plan(True, f"{V} views × {N:,} images = {build:,} teacher passes instead of {live:,}, "
+    return plan(True, f"{views} × {N:,} images = {build:,} teacher passes instead of {live:,}, "
                       f"{_size(nbytes)}")
 
 # %% ../nbs/09_teacher_cache.ipynb #c15c606e
