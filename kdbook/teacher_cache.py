@@ -382,23 +382,26 @@ def study_speed(data: ImageDataset, teacher_archs: Sequence[str], student: str, 
                 seeds: int = 3, cfg: TrainConfig | None = None,
                 teacher_cfg: TrainConfig | None = None) -> dict:
     """Wall seconds of one study (`run_study`: the student alone, then each method over `seeds`) with live
-    teachers, then with a teacher cache built first (build included), and how far apart their results are."""
+    teachers and with a teacher cache (its build included), method by method in turns so that both see the
+    same load; and how far apart their results are."""
     cfg = cfg or TrainConfig()
     teachers = train_teachers(teacher_archs, data, seeds=list(range(len(teacher_archs))),
                               cfg=teacher_cfg or cfg, progress=False, verbose=False)
     views = (data.pad, data.flip) if cfg.augment else (0, False)
-    out, results = {}, {}
+    secs, runs, load0 = {"live": 0.0, "cache": 0.0}, {"live": {}, "cache": {}}, load_average()
     with tempfile.TemporaryDirectory() as root:
-        for name in ("live", "cache"):
-            load0, t0 = load_average(), time.perf_counter()
-            cache = None if name == "live" else build_teacher_cache(teachers, data, *views, device=cfg.device,
-                                                                    root=root)
-            build_s = time.perf_counter() - t0
-            results[name] = run_study(data, teachers, student, methods, seeds=range(seeds), cfg=cfg,
-                                      teacher_cache=cache).runs
-            out[name] = {"seconds": time.perf_counter() - t0, "build_s": build_s, "load_before": load0,
-                         "load_after": load_average()}
-    return out | _diffs(results["live"], results["cache"]) | {
-        "speedup": out["live"]["seconds"] / out["cache"]["seconds"], "runs": len(results["live"]),
-        "used_cache": sorted({r["method"] for r in results["cache"].values() if r.get("teacher_cache")}),
-        "seeds": seeds, "epochs": cfg.epochs, "methods": list(methods)}
+        t0 = time.perf_counter()
+        cache = build_teacher_cache(teachers, data, *views, device=cfg.device, root=root)
+        secs["cache"] = build_s = time.perf_counter() - t0
+        for label in ["ce", *methods]:
+            for name, tc in (("live", None), ("cache", cache)):
+                t0 = time.perf_counter()
+                res = run_study(data, teachers, student, [] if label == "ce" else [label], seeds=range(seeds),
+                                cfg=cfg, baseline=label == "ce", teacher_cache=tc)
+                secs[name] += time.perf_counter() - t0
+                runs[name] |= res.runs
+    used = sorted({r["method"] for r in runs["cache"].values() if r.get("teacher_cache")})
+    return {"live_s": secs["live"], "cache_s": secs["cache"], "build_s": build_s,
+            "speedup": secs["live"] / secs["cache"], "runs": len(runs["live"]), "load_before": load0,
+            "load_after": load_average(), "used_cache": used, "seeds": seeds, "epochs": cfg.epochs,
+            "methods": list(methods)} | _diffs(runs["live"], runs["cache"])
