@@ -18,6 +18,7 @@ from .dist import barrier, current, init_distributed, rank_device, shutdown
 from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text,
                             registered_methods, resolve_device)
 from .study import NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers, with_normalization
+from .teacher_cache import prepare_teacher_cache
 from .baselines import check_teacher_index
 from .cfl import Amalgamation
 from .mec import memory_data
@@ -189,6 +190,11 @@ def _run_parser(sub) -> None:
     r.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: the preset's: 1 for digits and fashion-mnist)")
     r.add_argument("--out", default="kdbook-run", help="output folder for results.json, report.html, checkpoints (default: kdbook-run)")
     r.add_argument("--fresh", action="store_true", help="ignore finished runs in --out and start over")
+    r.add_argument("--teacher-cache", choices=("auto", "on", "off"), default="auto",
+                   help="read the teachers' logits from a cache built once (chapter 09) for the methods that need only "
+                        "logits: auto (default) when it takes fewer teacher passes than the runs, on, off")
+    r.add_argument("--teacher-cache-limit", type=_positive_float, default=8.0, metavar="GIB",
+                   help="the largest teacher cache to build, in GiB (default: 8); above it the teachers run live")
     g = r.add_argument_group("several processes (chapter 06): start with torchrun --nproc_per_node=N -m kdbook.cli run ...")
     g.add_argument("--backend", default="auto", type=_choice("dist", "BACKENDS"),
                    help="process-group backend under torchrun (default: auto = nccl on GPUs, gloo on the CPU)")
@@ -377,7 +383,8 @@ def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, a
 def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
                  teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
                  fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print,
-                 teacher_weights=None, normalization=None) -> dict:
+                 teacher_weights=None, normalization=None,
+                 teacher_cache="auto", teacher_cache_limit=8.0) -> dict: # teacher cache: auto|on|off, limit in GiB
     "`kdbook run`: the preset (flags override), every input and combination checked, teachers trained or loaded, then `run_study`."
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre = PRESETS[data]
@@ -396,12 +403,16 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
         am = Amalgamation.split(ds, experts) if experts else None   # refused here, before anything is printed or trained
         if not current().active: _dry_run(ds, teachers, student, method_factories(methods, kwargs), scfg, am)
         am, tnets, info, train_ds = _teachers_and_data(ds, teachers, am, memory, tcfg, log, teacher_weights)
+        cache = prepare_teacher_cache(teacher_cache, tnets, train_ds, method_factories(methods, kwargs),
+                                      seeds or pre.seeds, scfg, teacher_cache_limit * 2**30, log=log)
         res = run_study(train_ds, tnets, student, methods, seeds=range(seeds or pre.seeds), cfg=scfg, settings=kwargs,
                         out=out, fresh=fresh, on_error="record", log=log, baseline="student",
                         tasks=am.tasks if am else None,
                         extra={"teachers": info, "teacher_cfg": None if teacher_weights else tcfg.to_dict(),
-                               "normalization": normalization})
+                               "normalization": normalization}, teacher_cache=cache)
     finally: torch.set_num_threads(saved)
+    read = sorted({r["method"] for r in res.runs.values() if r.get("teacher_cache")})
+    if cache is not None: log(f"methods that read the teacher cache: {', '.join(read) or 'none'}")
     reused = sum(r.get("reused", False) for r in res.runs.values())
     if reused: log(f"reused {reused} finished runs with the same settings from {out / 'results.json'}")
     result = res.to_json()
@@ -565,7 +576,8 @@ def _study_from_args(args, d) -> dict:
                         args.seeds, args.batch_size, args.lr, rank_device(d, args.device), args.out, args.fresh, args.set,
                         args.threads, recipe=args.recipe, experts=args.experts, memory=args.memory,
                         log=print if d.is_main else quiet,
-                        teacher_weights=args.teacher_weights, normalization=args.normalization)
+                        teacher_weights=args.teacher_weights, normalization=args.normalization,
+                        teacher_cache=args.teacher_cache, teacher_cache_limit=args.teacher_cache_limit)
 
 def _run_command(args) -> tuple:
     "(exit code, results or None, process group): bad input is exit 2, a file that cannot be written or a diverging teacher exit 1."

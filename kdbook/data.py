@@ -29,8 +29,9 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['DATASETS', 'SYSTEM_FASHION_MNIST', 'Split', 'ImageDataset', 'cache_dir', 'dataset_locations', 'find_dataset',
            'DatasetFormatError', 'read_idx', 'read_cifar_pickle', 'DatasetNotFoundError', 'load_dataset', 'crop_flip',
-           'DeviceLoader', 'make_loaders', 'device_sync', 'median_times', 'PerImageDataset', 'per_image_transform',
-           'bench_loader', 'ExpertSplit', 'expert_split', 'exemplar_memory', 'synthetic_dataset']
+           'view_index', 'view_offsets', 'DeviceLoader', 'make_loaders', 'device_sync', 'median_times',
+           'PerImageDataset', 'per_image_transform', 'bench_loader', 'ExpertSplit', 'expert_split', 'exemplar_memory',
+           'synthetic_dataset']
 
 # %% ../nbs/01_data.ipynb #02614602
 @dataclass
@@ -362,6 +363,20 @@ def crop_flip(x: Tensor, # uint8 or float images `[B, C, H, W]`
     index = (rows[:, :, None] * Wp + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
     return xp.reshape(B, C, -1).gather(2, index).view(B, C, H, W)
 
+# %% ../nbs/01_data.ipynb #db452056
+def view_index(dy: Tensor, # int64 `[B]` row offsets, 0..2*pad
+               dx: Tensor, # int64 `[B]` column offsets, 0..2*pad
+               flip: Tensor, # bool `[B]`
+               pad: int, # the crop's zero padding p
+              ) -> Tensor:
+    "Each sample's view as one int64, `(dy·(2p+1) + dx)·2 + flip`, in `[0, 2(2p+1)²)`."
+    return (dy * (2 * pad + 1) + dx) * 2 + flip.long()
+
+def view_offsets(view: Tensor, pad: int) -> tuple:
+    "The `(dy, dx, flip)` of each `view_index` value."
+    cell = view.div(2, rounding_mode="floor")
+    return cell.div(2 * pad + 1, rounding_mode="floor"), cell.remainder(2 * pad + 1), view.remainder(2).bool()
+
 # %% ../nbs/01_data.ipynb #f4dd7035
 class DeviceLoader:
     "Batches of a split held on `device` as uint8: seeded shuffling, batched crop/flip and normalisation."
@@ -374,6 +389,7 @@ class DeviceLoader:
                  drop_last: bool | None = None, # default: `train`
                  channels_last: bool | None = None, # default: on CUDA
                  rank: int = 0, world_size: int = 1, # under DDP: this rank's share of every global batch (train) or of the split (eval)
+                 views: bool = False, # also yield each sample's view index: `(x, y, idx, view)`
                 ):
         C = split.x.shape[1]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -397,6 +413,7 @@ class DeviceLoader:
             raise ValueError(f"batch_size {batch_size * world_size}{per} > {len(split)} samples with drop_last=True: no batch "
                              "would be produced" + ("; use fewer processes or a smaller batch" if world_size > 1 else ""))
         self.rank, self.world_size = rank, world_size
+        self.views = bool(views)
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
         self.batch_size, self.train, self.pad, self.flip, self.seed, self.epoch = batch_size, train, pad, flip, seed, 0
@@ -450,7 +467,15 @@ def __iter__(self: DeviceLoader):
         if aug is not None and (self.pad or self.flip): x = crop_flip(x, aug[0][sl], aug[1][sl], aug[2][sl], self.pad)
         x = torch.addcmul(self.shift, x.float(), self.scale)
         if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        yield x, self.y[idx], idx
+        if not self.views: yield x, self.y[idx], idx
+        else: yield x, self.y[idx], idx, self._views(aug, sl, idx)
+
+# %% ../nbs/01_data.ipynb #712c0bd7
+@patch
+def _views(self: DeviceLoader, aug, sl: slice, idx: Tensor) -> Tensor:
+    "The batch's view indices: from the epoch's draws when training, the un-augmented view otherwise."
+    if aug is not None: return view_index(aug[0][sl], aug[1][sl], aug[2][sl], self.pad)
+    return torch.full_like(idx, (self.pad * (2 * self.pad + 1) + self.pad) * 2)
 
 # %% ../nbs/01_data.ipynb #78d7d26b
 def make_loaders(ds: ImageDataset, batch_size: int, *,
@@ -460,13 +485,14 @@ def make_loaders(ds: ImageDataset, batch_size: int, *,
                  augment: bool = True, # the dataset's random crop and flip for training (False: neither)
                  channels_last: bool | None = None, # default: on CUDA
                  rank: int = 0, world_size: int = 1, # under DDP: this rank's shares (see `DeviceLoader`)
+                 views: bool = False, # the training loader also yields each sample's view index
                 ) -> tuple[DeviceLoader, DeviceLoader]:
     "Train and test `DeviceLoader`s for `ds` with its own normalisation and (when `augment`) augmentation."
     if isinstance(batch_size, int) and batch_size > len(ds.train):
         raise ValueError(f"batch_size {batch_size} is larger than the training split ({len(ds.train)} samples)")
     pad, flip = (ds.pad, ds.flip) if augment else (0, False)
     common = dict(mean=ds.mean, std=ds.std, device=device, channels_last=channels_last, rank=rank, world_size=world_size)
-    return (DeviceLoader(ds.train, batch_size, train=True, pad=pad, flip=flip, seed=seed, **common),
+    return (DeviceLoader(ds.train, batch_size, train=True, pad=pad, flip=flip, seed=seed, views=views, **common),
             DeviceLoader(ds.test, eval_batch_size or 2 * batch_size, train=False, **common))
 
 # %% ../nbs/01_data.ipynb #6f8600b7

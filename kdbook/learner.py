@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .data import ImageDataset, make_loaders
 from .dist import all_gather_objects, all_reduce, all_reduce_grads, barrier, broadcast_object, current, lr_scale, per_rank_batch
@@ -494,7 +494,8 @@ class Distiller:
                  resume: bool = False, # continue from the newest checkpoint in `out_dir`, if there is one
                  callbacks: Sequence[Callback] = (), progress: bool | str = "auto", live_plot: bool = False,
                  check_every: int = 50, # steps between reads of the on-device non-finite flag
-                 tasks: Sequence[Tensor] | None = None): # class ids of each task, for per-task accuracy
+                 tasks: Sequence[Tensor] | None = None, # class ids of each task, for per-task accuracy
+                 teacher_logits=None): # the teachers' logits by (image, view), not computed (chapter 09)
         if data is None: raise ValueError("data must be an ImageDataset (see kdbook.data.load_dataset), got None")
         self.cfg, self.method = cfg or TrainConfig(), (method if method is not None else Method())
         if not isinstance(self.method, Method):
@@ -508,6 +509,9 @@ class Distiller:
         self.channels_last = on_cuda if self.cfg.channels_last is None else self.cfg.channels_last
         self.data, self.tasks, self.check_every = data, tasks, check_every
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if teacher_logits is not None and not callable(getattr(teacher_logits, "lookup", None)):
+            raise TypeError(f"teacher_logits must have lookup(idx, views), got {type(teacher_logits).__name__}")
+        self.teacher_logits = teacher_logits
         self.bank = None
         if self.method.needs_teachers:
             self.bank = (teachers if isinstance(teachers, TeacherBank) else TeacherBank(list(teachers))).to(self.device)
@@ -520,7 +524,9 @@ class Distiller:
         self.lr_scale = lr_scale(W, self.dist.lr_rule)
         self.train_dl, self.test_dl = make_loaders(
             data, self.batch_per_rank, device=self.device, seed=self.cfg.seed, eval_batch_size=self.cfg.eval_batch_size,
-            augment=self.cfg.augment, channels_last=self.channels_last, rank=self.dist.rank, world_size=W)
+            augment=self.cfg.augment, channels_last=self.channels_last, rank=self.dist.rank, world_size=W,
+            views=teacher_logits is not None)
+        if hasattr(teacher_logits, "check_loader"): teacher_logits.check_loader(self.train_dl)
         self.steps_per_epoch = len(self.train_dl)
         self._collect_callbacks(callbacks, progress, live_plot, resume)
         self.history, self.epoch, self.step, self.global_step = [], 0, 0, 0
@@ -550,7 +556,7 @@ def setup(self: Distiller):
     sample = next(iter(self.train_dl))
     self.method.to(self.device)
     with torch.no_grad():
-        self.method.setup(self.student, self.bank, sample)
+        self.method.setup(self.student, self.bank, sample[:3])
         self.method.to(self.device)
         self.method.prepare(self)
     params = [p for p in [*self.student.parameters(), *self.method.parameters()] if p.requires_grad]
@@ -584,18 +590,28 @@ def _autocast(self: Distiller):
 # %% ../nbs/03_learner.ipynb #a3b89711
 @patch
 def train_step(self: Distiller, batch) -> dict:
-    "One optimisation step on `batch` = (x, y, idx); returns the method's logs (tensors, no host sync)."
+    "One optimisation step on `batch` = (x, y, idx[, view]); returns the method's logs (tensors, no sync)."
     x = batch[0]
     with self._autocast():
         s = self.forward(x)
         run_bank = self.bank is not None and self.method.teacher_outputs
-        t = self.bank(x, feats=self.method.teacher_feats) if run_bank else None
-        logs = self.method.loss(batch, s, t)
+        if run_bank and self.uses_teacher_logits:   # read by (image, view), not computed
+            t = TeacherOut(self.teacher_logits.lookup(batch[2], batch[3]), None, None)
+        else: t = self.bank(x, feats=self.method.teacher_feats) if run_bank else None
+        logs = self.method.loss(batch[:3], s, t)
     self.opt.zero_grad(set_to_none=True)
     logs["loss"].backward()
     if self.dist.active: all_reduce_grads(self._method_params)   # the method's modules (regressors, gates) sit outside DDP
     self.opt.step()
     return logs
+
+# %% ../nbs/03_learner.ipynb #8d9fa072
+@patch(as_prop=True)
+def uses_teacher_logits(self: Distiller) -> bool:
+    "Whether the steps read the teachers' logits from `teacher_logits` instead of running the teachers."
+    m = self.method
+    return (self.teacher_logits is not None and self.bank is not None and m.teacher_outputs
+            and not m.teacher_feats)
 
 # %% ../nbs/03_learner.ipynb #e52c0db5
 @patch

@@ -385,7 +385,9 @@ def _train_run(label, seed, net, method, key, ctx) -> dict:
     try:
         d = Distiller(net, method, ctx["data"], teachers=ctx["teachers"] if method.needs_teachers else None,
                       cfg=dataclasses.replace(ctx["cfg"], seed=seed), out_dir=run_dir, resume=run_dir is not None,
-                      progress=False, tasks=ctx["tasks"])
+                      progress=False, tasks=ctx["tasks"],
+                      teacher_logits=ctx["teacher_cache"] if method.needs_teachers else None)
+        rec["teacher_cache"] = d.uses_teacher_logits
         last = d.fit()[-1]
         rec |= {"status": "ok", "top1": last["test_top1"], "top5": last["test_top5"], "tasks": last.get("test_tasks"),
                 "tasks_any": last.get("test_tasks_any"), "seconds": time.perf_counter() - t0, "reused": False,
@@ -450,6 +452,7 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               on_error: str = "raise", # "raise", or "record" a failed run and go on
               log: Callable | None = None, # e.g. `print`: one line per run
               extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
+              teacher_cache=None, # the teachers' logits by (image, view) for logit-only methods (chapter 09)
              ) -> StudyResult:
     """Train the student alone and one student per method and seed; reuse a finished run only if every setting matches.
     With `out`, the study holds the folder's lock: a second study on the same folder waits, then reuses what this one finished."""
@@ -464,7 +467,8 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               "methods": list(makers), "seeds": [int(s) for s in seeds], "cfg": cfg.to_dict(), "version": __version__,
               "baseline": base, "teacher_fingerprints": teacher_fps, **current().to_dict()}   # world_size, backend, lr_rule
     config["study"] = _study_key(config, cfg, tasks)
-    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh, study=config["study"])
+    ctx = dict(data=data, teachers=teachers, cfg=cfg, out=out, tasks=tasks, on_error=on_error, fresh=fresh, study=config["study"],
+               teacher_cache=teacher_cache)
     res = StudyResult(config, {}, extra=dict(extra or {}))
     main = out is not None and current().is_main   # under DDP rank 0 holds the lock, reads the finished runs, writes
     with exclusive(out / ".lock", f"output folder {out}") if main else nullcontext():

@@ -36,7 +36,7 @@ FLOORS = [
     {"core", "data"},                                      # tensors, losses, datasets: nothing of the book
     {"models", "dist"},                                    # the zoo; process groups and collectives
     {"learner"},                                           # the engine: Method, registry, Distiller, checkpoints
-    {"study", "explain", "ddp_checks"},                    # teacher zoo + run_study; attributions; DDP checks
+    {"study", "explain", "ddp_checks", "teacher_cache"},   # teacher zoo + run_study; attributions; DDP checks; logits cache
     {"baselines", "aekd", "moekd", "cfl", "mec", "mmkd"},  # the methods, one chapter each
     {"bench"},                                             # speed ratios over everything
     {"cli"},                                               # the `kdbook` command
