@@ -412,7 +412,7 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
                                "normalization": normalization}, teacher_cache=cache)
     finally: torch.set_num_threads(saved)
     read = sorted({r["method"] for r in res.runs.values() if r.get("teacher_cache")})
-    if cache is not None: log(f"methods that read the teacher cache: {', '.join(read) or 'none'}")
+    if cache is not None: log(f"teacher cache: read by {', '.join(read) or 'no method'}")
     reused = sum(r.get("reused", False) for r in res.runs.values())
     if reused: log(f"reused {reused} finished runs with the same settings from {out / 'results.json'}")
     result = res.to_json()

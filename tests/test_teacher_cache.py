@@ -200,5 +200,5 @@ def test_kdbook_run_teacher_cache_flag(tmp_path, monkeypatch, capsys, mode):
     read = {r["method"]: r["teacher_cache"] for r in res["runs"].values() if r["method"] != "ce"}
     assert read == {"aver": mode == "on", "camkd": False}
     out = capsys.readouterr().out
-    assert ("methods that read the teacher cache: aver" in out) == (mode == "on")
+    assert ("teacher cache: read by aver" in out) == (mode == "on")
     assert ("teacher cache: off" in out) == (mode == "off")
