@@ -197,7 +197,7 @@ def test_kdbook_run_teacher_cache_flag(tmp_path, monkeypatch, capsys, mode):
     from conftest import quick_run
     monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
     res = quick_run(tmp_path, "digits", "--teacher-cache", mode, methods="aver,camkd")
-    read = {r["method"]: r["teacher_cache"] for r in res["runs"].values() if r["method"] != "ce"}
+    read = {r["method"]: r["teacher_cache"] for r in res["runs"].values() if r["method"] != "student"}
     assert read == {"aver": mode == "on", "camkd": False}
     out = capsys.readouterr().out
     assert ("teacher cache: read by aver" in out) == (mode == "on")
