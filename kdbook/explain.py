@@ -263,7 +263,7 @@ class KeepStudents:
         if len(self.nets) != len(study.runs):
             raise ValueError(f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
                              "use a new KeepStudents for each run_study")
-        return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] == "ok" and not r.get("reused")}
+        return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] in ("ok", "diverged") and not r.get("reused")}
 
 # %% ../nbs/05_explain.ipynb #c5ba2097
 def _finish(fig, widget: bool):
@@ -306,7 +306,7 @@ def study_curves(study, # a `StudyResult`, or the dict of a `results.json`
     runs = study["runs"] if isinstance(study, Mapping) else study.runs
     out = {}
     for r in runs.values():
-        if r.get("status") == "ok" and r.get("history"):
+        if r.get("status") in ("ok", "diverged") and r.get("history"):
             out.setdefault(r["method"], []).append([e[key] for e in r["history"]])
     return out
 

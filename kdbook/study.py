@@ -237,7 +237,7 @@ class StudyResult:
                    "diverged": [r["diverged"] for r in rs if r["status"] == "diverged"], "baseline": label == base_label,
                    "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None,
                    "seconds": sum(r["seconds"] for r in rs)}
-            tasks = [r["tasks"] for r in rs if r["status"] == "ok" and r.get("tasks")]
+            tasks = [r["tasks"] for r in rs if r["status"] in FINISHED and r.get("tasks")]
             if tasks: row["tasks"] = np.mean(tasks, axis=0).tolist()
             if row["baseline"]: base = row["mean"]
             row["gain"] = None if row["mean"] is None or base is None else row["mean"] - base
