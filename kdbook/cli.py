@@ -359,7 +359,8 @@ def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, a
     """One training step of every method, on the CPU, on a few images, with untrained teachers of the chosen architectures
     (experts over their class groups with `am`): a combination a method refuses (its ValueError or TypeError) fails here,
     before anything trains; any other failure is left to the study, which records it."""
-    tiny = ds.subset(n_train=min(2 * ds.n_classes, len(ds.train)), n_test=min(ds.n_classes, len(ds.test)))
+    n = min(len(ds.train), max(2 * ds.n_classes, cfg.batch_size))   # one whole batch: a method may check the batch size
+    tiny = ds.subset(n_train=n, n_test=min(ds.n_classes, len(ds.test)))
     groups = am.tasks if am is not None else [None] * len(teachers)
     archs = [teachers[m % len(teachers)] for m in range(len(groups))]
     cfg = dataclasses.replace(cfg, device="cpu", epochs=1, batch_size=min(cfg.batch_size, len(tiny.train)), compile=False)

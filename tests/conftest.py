@@ -55,3 +55,13 @@ def cli_data(request, tmp_path, monkeypatch) -> str:
     if request.param == "fashion-mnist": require_system(FASHION_MNIST.exists(), "Debian's dataset-fashion-mnist")
     monkeypatch.setenv("KDBOOK_CACHE", str(tmp_path / "cache"))
     return request.param
+
+
+@pytest.fixture
+def float64():
+    "torch's default dtype float64 for one test (formula checks against float64 references), restored after."
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -92,14 +92,6 @@ def test_both_estimators_have_the_closed_form_expectation():
         assert 3 * se < 0.005 * v and abs(float(est.mean()) - v) < 3 * se, (unbiased, float(est.mean()), v)
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _mmd_by_hand(a: torch.Tensor, b: torch.Tensor) -> float:
     "The biased MMD² over the public code's bandwidths from pairwise differences (no matrix-product "
     "distances)."

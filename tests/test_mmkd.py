@@ -145,14 +145,6 @@ SETTINGS = {"momentum": dict(momentum=0.9), "Nesterov": dict(momentum=0.9, neste
 LR = 0.2
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def smooth(net: torch.nn.Module) -> torch.nn.Module:
     "`net` with SiLU for every ReLU: a ReLU network's gradient jumps where a unit crosses 0, so after two "
     "look-ahead steps the outer loss jumps in φ (every ~1e-5 along a random direction here) and differences "
