@@ -9,19 +9,28 @@ from __future__ import annotations   # signatures name types, not `__main__.` on
 import argparse, dataclasses, html, importlib, json, math, os, re, signal, sys, threading, time
 from pathlib import Path
 
-import torch
-
 from . import __version__
-from .data import cache_dir, load_dataset
-from .models import MODELS, from_public_checkpoint, infer_public_arch, load_public_state_dict, create_model
-from .dist import barrier, current, init_distributed, rank_device, shutdown
-from .learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text,
-                            registered_methods, resolve_device)
-from .study import NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers, with_normalization
-from .teacher_cache import prepare_teacher_cache
-from .baselines import check_teacher_index
-from .cfl import Amalgamation
-from .mec import memory_data
+
+def _import_book() -> None:
+    "Import torch and the book's chapters (seconds) once a command runs: `kdbook --help` and a mistyped flag need neither."
+    global torch, cache_dir, load_dataset, MODELS, from_public_checkpoint, infer_public_arch, load_public_state_dict
+    global create_model, barrier, current, init_distributed, rank_device, shutdown, Distiller, NonFiniteLossError
+    global TrainConfig, WriteError, atomic_write_text, registered_methods, resolve_device, NORMALIZATIONS
+    global load_teachers, method_factories, run_study, train_teachers, with_normalization, prepare_teacher_cache
+    global check_teacher_index, Amalgamation, memory_data
+    import torch
+    from kdbook.data import cache_dir, load_dataset
+    from kdbook.models import MODELS, from_public_checkpoint, infer_public_arch, load_public_state_dict, create_model
+    from kdbook.dist import barrier, current, init_distributed, rank_device, shutdown
+    from kdbook.learner import (Distiller, NonFiniteLossError, TrainConfig, WriteError, atomic_write_text,
+                                registered_methods, resolve_device)
+    from kdbook.study import (NORMALIZATIONS, load_teachers, method_factories, run_study, train_teachers,
+                              with_normalization)
+    from kdbook.teacher_cache import prepare_teacher_cache
+    from kdbook.baselines import check_teacher_index
+    from kdbook.cfl import Amalgamation
+    from kdbook.mec import memory_data
+
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_METHODS', 'EXPERT_METHODS', 'RECIPES', 'BENCH_TIMES', 'BOOK_URL', 'Preset', 'Recipe',
@@ -181,7 +190,7 @@ def _run_parser(sub) -> None:
                    help="comma-separated public checkpoint files (RepDistiller / mdistiller CIFAR teachers, chapter 02) to "
                         "distil from instead of training teachers; --teachers, if given, names each file's architecture "
                         "(else read from the file); the teachers' test accuracy is measured and printed first")
-    r.add_argument("--normalization", choices=NORMALIZATIONS,
+    r.add_argument("--normalization", type=_choice("study", "NORMALIZATIONS"), metavar="NAME",
                    help="the input statistics: the dataset's, or RepDistiller's CIFAR-100 ones, which its teachers were "
                         "trained with (default: repdistiller with --teacher-weights on cifar100, else dataset)")
     r.add_argument("--recipe", choices=RECIPES, help="a published schedule over the preset: "
@@ -203,11 +212,19 @@ def _run_parser(sub) -> None:
                         "(the same training as one process); linear: each process takes the full batch and lr is multiplied by the number of processes")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
 
+def _bench_stage_names() -> tuple:
+    "Chapter 30's stage names (`BENCH_STAGES`' keys, `QUICK_STAGES`), read from `kdbook/bench.py`'s source: no torch."
+    import ast, importlib.util
+    tree = ast.parse(Path(importlib.util.find_spec("kdbook.bench").origin).read_text())
+    found = {t.id: n.value for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    return [ast.literal_eval(k) for k in found["BENCH_STAGES"].keys], ast.literal_eval(found["QUICK_STAGES"])
+
 class _BenchHelp(argparse.Action):
-    "`kdbook bench --help`: the stage names are chapter 30's (`BENCH_STAGES`), imported for this help alone."
+    "`kdbook bench --help`: the stage names are chapter 30's (`BENCH_STAGES`), read for this help alone."
     def __init__(self, option_strings, dest, **kw): super().__init__(option_strings, dest, nargs=0, **kw)
     def __call__(self, parser, namespace, values, option_string=None):
-        from kdbook.bench import BENCH_STAGES, QUICK_STAGES
+        BENCH_STAGES, QUICK_STAGES = _bench_stage_names()
         for a in parser._actions:
             if a.dest in ("only", "quick"):
                 a.help = a.help.replace("STAGES", ", ".join(QUICK_STAGES if a.dest == "quick" else BENCH_STAGES))
@@ -387,6 +404,7 @@ def preset_study(data: str = "digits", teachers=None, student=None, methods=None
                  teacher_weights=None, normalization=None,
                  teacher_cache="auto", teacher_cache_limit=8.0) -> dict: # teacher cache: auto|on|off, limit in GiB
     "`kdbook run`: the preset (flags override), every input and combination checked, teachers trained or loaded, then `run_study`."
+    _import_book()
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
     pre = PRESETS[data]
     teachers, student = _check_teacher_weights(teachers, teacher_weights, experts, pre), student or pre.student
@@ -472,6 +490,7 @@ def _diverged_note(rows: list) -> str:
 
 def write_report(result: dict, path) -> Path:
     "Write the self-contained `report.html` (plotly embedded once, opens offline)."
+    _import_book()
     figs = report_figures(result)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0), default_width="100%") for i, f in enumerate(figs)]
     cfg, esc = result["config"], html.escape
@@ -497,6 +516,7 @@ def _missing_line(name: str) -> str:
 
 def data_report() -> str:
     "Each dataset and where it was found; for a missing one, the places searched and how to get it."
+    _import_book()
     from kdbook.data import DATASETS, DatasetNotFoundError, find_dataset, load_dataset
     lines = []
     for name in DATASETS:
@@ -537,6 +557,7 @@ def _data_command(args) -> int:
 def bench_report(device: str = "auto", peer: bool = False, quick: bool = False, only=None, log=None) -> str:
     """Measure, in this run, the speed ratios of the book on this machine (`log`: a line per stage); with `peer`,
     kdbook against torchdistill and a plain loop."""
+    _import_book()
     from kdbook.bench import run_benchmarks, format_benchmarks, peer_report, format_peer, require_torchdistill, PEER_FAST
     from kdbook.learner import resolve_device
     if peer:
@@ -608,6 +629,7 @@ def _run_command(args) -> tuple:
 def main(argv=None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
+    _import_book()   # torch and the chapters: after the flags parse, so `--help` answers at once
     if args.command == "data": return _data_command(args)
     if args.command == "bench": return _bench_command(args)
     if (code := _find_data(args)) is not None: return code   # before --out is created or anything trains

@@ -83,6 +83,23 @@ def test_the_lr_help_says_the_teachers_train_at_it():
     text = " ".join(kdbook("run", "--help").stdout.split())
     assert "peak learning rate of the students and of the teachers: teachers at a new lr are trained again" in text
 
+_IMPORTS_AFTER = "import sys\nfrom kdbook.cli import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n" \
+                 "print('torch' in sys.modules, [m for m in sys.modules if m.startswith('kdbook.') and m != 'kdbook.cli'])"
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"], ["data", "--help"], ["bench", "--help"],
+                                  ["run", "--epochs", "0"]])
+def test_help_and_a_mistyped_flag_import_no_torch(argv):
+    "`kdbook --help` (each command's help too, and a malformed number) answers without importing torch or a chapter."
+    r = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, *argv], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "False []", (argv, r.stdout[-500:], r.stderr[-500:])
+
+def test_bench_help_lists_the_stages_chapter_30_defines():
+    "The stage names `bench --help` reads from bench.py's source are the ones `kdbook.bench` defines, in order."
+    from kdbook.bench import BENCH_STAGES, QUICK_STAGES
+    assert cli._bench_stage_names() == (list(BENCH_STAGES), QUICK_STAGES)
+    text = " ".join(kdbook("bench", "--help").stdout.split())
+    assert "stages: " + ", ".join(BENCH_STAGES) in text and "(" + ", ".join(QUICK_STAGES) + ")" in text
+
 def _results(out: Path) -> dict: return json.loads((out / "results.json").read_text())
 
 def test_diverged_run_rerun_message_kept_methods_and_the_student_label(tmp_path, monkeypatch, capsys):
