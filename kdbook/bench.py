@@ -6,7 +6,7 @@ Docs: https://kdbook.github.io/kdbook/bench.html.md"""
 
 # %% ../nbs/30_bench.ipynb #d018b7ca
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import time
+import importlib.util, time
 import torch
 
 from .data import ImageDataset, DatasetNotFoundError, load_dataset, bench_loader, device_sync, synthetic_dataset
@@ -20,6 +20,7 @@ from .cfl import cfl_speed
 from .mec import mec_speed
 from .mmkd import mmkd_speed
 from .ddp_checks import ddp_speed
+from .teacher_cache import build_teacher_cache, cache_speed
 
 # %% auto #0
 __all__ = ['BENCH_STAGES', 'QUICK_STAGES', 'PEER_CONTENDERS', 'KEEP_MEMORY_ENV', 'PEER_FAST', 'PEER_VARIANTS',
@@ -68,6 +69,20 @@ def _bench_teacher_bank(dev, quick: bool) -> dict:
     x = torch.randn(32 if quick else 256, 1, 28, 28, device=dev)
     return {"teacher_bank": bench_teacher_bank(teachers, x, n_iter=3 if quick else 30)}
 
+def _bench_teacher_cache(dev, quick: bool) -> dict:
+    "Chapter 09's step ratios: Fashion-MNIST's shape (and, unless quick, CIFAR-100's), cache vs bank vs public way."
+    return {"teacher_cache": cache_speed(quick=quick, device=str(dev))}
+
+def _bench_peer_cache(dev, quick: bool) -> dict:
+    "The peer comparison in float32 with kdbook reading its one teacher from the cache (torchdistill runs it)."
+    if importlib.util.find_spec("torchdistill") is None:   # an optional peer: the other stages still run
+        return {"peer_cache": {"skipped": 'torchdistill is not installed (pip install "kdbook[peer]")'}}
+    variants = {"kdbook+cache": {"teacher_cache": True},
+                "kdbook+cache+channels_last": {"teacher_cache": True, "channels_last": True}}
+    return {"peer_cache": peer_benchmark(rounds=2 if quick else 10, steps=1 if quick else 3, n_train=512 if quick else 2048,
+                                         setting=PeerSetting(device=str(dev)), contenders=("kdbook", "torchdistill"),
+                                         warmup=1, variants=variants)}
+
 def _bench_throughput(dev, quick: bool) -> dict:
     if dev.type == "cuda":
         return {"throughput": distill_throughput(("resnet56",) * 5, "resnet20", batch_size=256, steps=5 if quick else 50,
@@ -96,8 +111,11 @@ BENCH_STAGES = {   # name -> (what it measures, a function of (device, quick) re
         "cnn_small", n=100 if q else 1000, reps=1 if q else 5, device=str(dev))}),
     "ddp": ("2 DDP processes vs 1 (gloo on the CPU)", lambda dev, q: {"ddp": ddp_speed("aver", 2, 128, steps=4 if q else 20)}),
     "throughput": ("training images/s of 5 teachers -> 1 student", _bench_throughput),
+    "teacher_cache": ("one step with the teachers' logits cached vs TeacherBank vs the public way", _bench_teacher_cache),
+    "peer_cache": ("kdbook with the teacher cache vs torchdistill, float32 (needs torchdistill)", _bench_peer_cache),
 }
-QUICK_STAGES = ("loader", "teacher_bank", "aekd", "throughput")   # the headline ratios: data, teachers, AE-KD's cost, a step
+# the headline ratios: data, teachers, their cache, AE-KD's cost, a step
+QUICK_STAGES = ("loader", "teacher_bank", "teacher_cache", "aekd", "throughput")
 
 # %% ../nbs/30_bench.ipynb #b3c1a7e2
 def run_benchmarks(device: str = "auto",
@@ -174,6 +192,20 @@ def format_benchmarks(res: dict) -> str:
         p = res["ddp"]
         lines.append(f"DDP {p['world_size']} processes vs 1        {p['speedup']:6.2f}x   ({p['method']}, global batch {p['batch_size']}, gloo on the CPU, "
                      f"{p['threads']} threads in all: {p['ddp_images_per_s']:,.0f} vs {p['one_images_per_s']:,.0f} images/s)")
+    for shape, c in res.get("teacher_cache", {}).items():
+        lines.append(f"teacher cache vs TeacherBank {c['bank_over_cache']:6.2f}x   ({shape} shape, {c['n_teachers']} x {c['teacher']} -> "
+                     f"{c['student']}, batch {c['batch_size']}: {1e3 * c['cache_s']:.0f} vs {1e3 * c['bank_s']:.0f} ms a step)")
+        lines.append(f"teacher cache vs public way  {c['public_over_cache']:6.2f}x   (fp32 teachers in a Python loop, a DataLoader "
+                     f"over per-image transforms: {1e3 * c['public_s']:.0f} ms; load average {c['load_after']:.1f})")
+    if "peer_cache" in res and "skipped" in res["peer_cache"]:
+        lines.append(f"kdbook+cache vs torchdistill  not measured: {res['peer_cache']['skipped']}")
+    elif "peer_cache" in res:
+        r = res["peer_cache"]
+        for n in (n for n in r["images_per_s"] if n.startswith("kdbook")):
+            lines.append(f"{n + ' vs torchdistill':28s} {r['ratios'][f'{n}/torchdistill']:6.2f}x   (one {r['teacher']} -> "
+                         f"{r['student']}, float32, {r['dataset']}, batch {r['batch_size']}, load average "
+                         f"{r['loadavg'][-1]:.1f}" + (f"; cache built in {r['setup_s'][n]:.1f} s" if n in r["setup_s"] else "")
+                         + ")")
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "
@@ -181,7 +213,7 @@ def format_benchmarks(res: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/30_bench.ipynb #peer0001
-import copy, json, logging, os, statistics, subprocess, sys
+import copy, json, logging, os, statistics, subprocess, sys, tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -243,6 +275,7 @@ class PeerContender:
     student: torch.nn.Module
     next_batch: Callable[[], tuple]          # its loader's next (x, y), for timing the data alone
     teacher_logits: Callable[[Tensor], Tensor]  # its teacher forward, for timing the teacher alone
+    setup_s: float = 0.0                     # seconds spent before its first step (building a teacher cache)
 
 def _sgd(params, s: PeerSetting):
     return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -318,25 +351,33 @@ def kdbook_contender(ds, teacher, student, s: PeerSetting,
                      compile: bool = False, # torch.compile the student (`TrainConfig.compile`)
                      teacher_bf16: bool = False, # the TeacherBank under bf16 autocast on the CPU (changes the teacher's logits)
                      student_bf16: bool = False, # the student's forward under bf16 autocast (`TrainConfig.amp`; changes its numerics)
+                     teacher_cache: bool = False, # the teacher's logits read from an exact float32 cache of every view (chapter 09)
                     ) -> PeerContender:
     "Our `Distiller` (its `DeviceLoader` and `TeacherBank`) with method `KD`, on plain momentum SGD at a constant lr."
     cfg = TrainConfig(epochs=1, batch_size=s.batch_size, device=s.device, lr=s.lr, momentum=s.momentum, nesterov=False,
                       weight_decay=s.weight_decay, schedule="constant", seed=s.seed, amp=student_bf16,
                       channels_last=channels_last, compile=compile)
-    bank = TeacherBank([teacher], amp=teacher_bf16)
-    d = Distiller(copy.deepcopy(student), KD(T=s.T, gamma=s.ce_weight, alpha=s.kd_weight), ds, teachers=bank, cfg=cfg, progress=False)
+    bank, t0, cache = TeacherBank([teacher], amp=teacher_bf16), time.perf_counter(), None
+    if teacher_cache:   # built once, here, into a folder that lives as long as this contender's steps
+        folder = tempfile.TemporaryDirectory(prefix="kdbook-peer-cache-")
+        cache = build_teacher_cache(bank, ds, device=s.device, root=folder.name)
+        cache.folder_owner = folder
+    d = Distiller(copy.deepcopy(student), KD(T=s.T, gamma=s.ce_weight, alpha=s.kd_weight), ds, teachers=bank, cfg=cfg,
+                  progress=False, teacher_logits=cache)
     d.setup()
     d.student.train(); d.method.train()
     def epoch(e):
         d.train_dl.set_epoch(e)
         return iter(d.train_dl)
     batches = _endless(epoch)
+    rows = torch.arange(s.batch_size, device=d.device)   # timed alone, the cached contender's teacher part: a lookup
+    teacher_part = (lambda x: cache.lookup(rows, rows % 2)) if teacher_cache else (lambda x: d.bank(x.to(d.device)).logits[0])
     def loss_on(x, y):
         x, y = x.to(d.device), y.to(d.device)
         x = x.contiguous(memory_format=torch.channels_last) if d.channels_last else x
         with d._autocast(): return d.method.loss((x, y, None), d.forward(x), d.bank(x))["loss"]
     return PeerContender("kdbook", lambda: d.train_step(next(batches))["loss"], loss_on, d.student,
-                         lambda: next(batches)[:2], lambda x: d.bank(x.to(d.device)).logits[0])
+                         lambda: next(batches)[:2], teacher_part, time.perf_counter() - t0 if teacher_cache else 0.0)
 
 # %% ../nbs/30_bench.ipynb #peer0010
 def peer_step_functions(ds: ImageDataset | None = None, # default: `peer_data()`
@@ -407,11 +448,12 @@ def peer_benchmark(rounds: int = 10, # interleaved rounds
                 rates[n].append(steps * s.batch_size / (time.perf_counter() - t))
         load.append(_loadavg())
         out = {"images_per_s": {n: statistics.median(v) for n, v in rates.items()}, "per_round": rates, "rounds": rounds, "steps": steps,
-               "dataset": ds.name, "batch_size": s.batch_size, "teacher": s.teacher, "student": s.student, "threads": threads,
+               "dataset": ds.name, "n_train": len(ds.train), "batch_size": s.batch_size, "teacher": s.teacher, "student": s.student, "threads": threads,
                "device": s.device, "gpu": torch.cuda.get_device_name(torch.device(s.device)) if s.device.startswith("cuda") else None,
                "fast": dict(fast), "variants": dict(variants or {}), "loadavg": load, "torch": torch.__version__,
                "malloc": {k: os.environ[k] for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if k in os.environ}}
         # the median of the per-round ratios: each round's contenders saw the same load
+        out["setup_s"] = {n: c.setup_s for n, c in cs.items() if c.setup_s}   # e.g. a teacher cache's build
         out["ratios"] = {f"{a}/{b}": statistics.median([x / y for x, y in zip(rates[a], rates[b])])
                          for a in names if a.startswith("kdbook") for b in ("torchdistill", "plain") if b in rates}
         if parts:   # each part timed alone, apart from the steps: not a breakdown of the step's time
@@ -481,6 +523,9 @@ def format_peer(res: dict) -> str:
             parts = (f"   per step {p['step']:.0f} ms (timed alone: data {p['data']:.1f} ms, "
                      f"teacher forward {p['teacher']:.1f} ms)") if p else ""
             lines.append(f"  {n:21s} {ips:6,.0f} images/s {'(' + vs + ')' if vs else '':32s}{parts}")
+        for n, secs in r.get("setup_s", {}).items():
+            lines.append(f"  {n}: its teacher cache (every view of the {r['n_train']:,} training images) was built in "
+                         f"{secs:.1f} s before the timed steps")
     lines.append("ratios: medians of the per-round ratios (each round's contenders saw the same load)")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .data import DeviceLoader, ImageDataset, cache_dir, crop_flip, median_times, synthetic_dataset
-from .data import view_offsets
+from .data import PerImageDataset, per_image_transform, view_offsets
 from .models import TeacherBank, TeacherOut, create_model
 from .learner import Distiller, Method, TrainConfig, atomic_write_dir, make_method, resolve_device
 from .study import dataset_fingerprint, model_fingerprint, run_study, train_teachers
@@ -297,12 +297,19 @@ def load_average() -> float:
     "The machine's one-minute load average (the other jobs' share of the cores during a timing)."
     return os.getloadavg()[0]
 
+def _public_batches(data: ImageDataset, batch_size: int):
+    "Endless batches from torch's `DataLoader` over per-image torchvision transforms, with the dataset's real augmentation."
+    aug = dataclasses.replace(data, pad=2, flip=True)   # the crop and flip the book trains with (the timed cache: 1 view)
+    ds = PerImageDataset(aug.train, per_image_transform(aug))
+    while True: yield from torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True)
+
 def step_speed(teacher: str = "resnet20", student: str = "resnet8", n_teachers: int = 5,
                shape: tuple = (1, 28, 28), n_classes: int = 10, batch_size: int = 128, method: str = "aver",
                reps: int = 5, device="cpu", root=None) -> dict:
     """Median seconds of one training step (forward, loss, backward, SGD) of `student` with the teachers'
-    logits read from a cache, computed by the `TeacherBank`, by `PlainTeacherLoop`, and of the student alone;
-    the build's seconds per image and view. Synthetic data; the cache holds one view of one batch."""
+    logits read from a cache, computed by the `TeacherBank`, by `PlainTeacherLoop`, by that loop on a batch
+    from a `DataLoader` over per-image transforms (the public codes' way), and of the student alone; the
+    build's seconds per image and view. Synthetic data; the cache holds one view of one batch."""
     torch.manual_seed(0)
     data = synthetic_dataset(n_classes, shape, n_train=batch_size, n_test=8)
     data = dataclasses.replace(data, pad=0, flip=False)
@@ -321,10 +328,13 @@ def step_speed(teacher: str = "resnet20", student: str = "resnet8", n_teachers: 
     runs["loop"][0].bank = PlainTeacherLoop(teachers).to(runs["loop"][0].device)
     assert runs["cache"][0].uses_teacher_logits and not runs["bank"][0].uses_teacher_logits
     steps = [lambda d=d, b=b: d.train_step(b) for d, b in runs.values()]
+    batches = _public_batches(data, batch_size)   # the public codes' way: the loop's step on a DataLoader's batch
+    steps.append(lambda d=runs["loop"][0], b=runs["loop"][1]: (next(batches), d.train_step(b)))
     secs = median_times(steps, reps, warmup=1, device=device)
-    out = {f"{k}_s": s for k, s in zip(runs, secs)}
+    out = {f"{k}_s": s for k, s in zip([*runs, "public"], secs)}
     return out | {"bank_over_cache": out["bank_s"] / out["cache_s"],
                   "loop_over_cache": out["loop_s"] / out["cache_s"],
+                  "public_over_cache": out["public_s"] / out["cache_s"],
                   "build_s_per_view": cache.meta["seconds"] / batch_size, "teacher": teacher,
                   "student": student,
                   "n_teachers": n_teachers, "shape": tuple(shape), "n_classes": n_classes,
@@ -358,14 +368,16 @@ def format_cache_speed(res: dict) -> str:
     "Per measured shape: the step times and ratios, the full cache's size and estimated build time."
     lines = []
     for name, r in res.items():
-        f, ms = r["full"], {k: r[f"{k}_s"] * 1e3 for k in ("cache", "bank", "loop", "student")}
+        f, ms = r["full"], {k: r[f"{k}_s"] * 1e3 for k in ("cache", "bank", "loop", "public", "student")}
         lines += [f"{name} shape {list(r['shape'])}, {r['n_teachers']} x {r['teacher']} -> {r['student']}, "
                   f"batch {r['batch_size']}, {r['device']}, median of {r['reps']} "
                   f"(load average {r['load_before']:.1f} -> {r['load_after']:.1f}):",
                   f"  one step: cache {ms['cache']:.0f} ms, TeacherBank {ms['bank']:.0f} ms, "
-                  f"plain loop {ms['loop']:.0f} ms, student alone {ms['student']:.0f} ms",
+                  f"plain loop {ms['loop']:.0f} ms, plain loop + DataLoader {ms['public']:.0f} ms, "
+                  f"student alone {ms['student']:.0f} ms",
                   f"  cache vs TeacherBank {r['bank_over_cache']:.2f}x, "
-                  f"cache vs plain loop {r['loop_over_cache']:.2f}x",
+                  f"cache vs plain loop {r['loop_over_cache']:.2f}x, "
+                  f"cache vs the public codes' way (plain loop + DataLoader) {r['public_over_cache']:.2f}x",
                   f"  full cache ({f['images']:,} images x {f['views']} views): {_size(f['bytes'])} float32, "
                   f"{_size(f['bytes_float16'])} float16; build about {f['build_s_estimate'] / 60:.0f} min "
                   f"(extrapolated from {r['batch_size']} images x 1 view)"]

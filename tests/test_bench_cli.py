@@ -22,6 +22,7 @@ def test_quick_runs_the_headline_stages():
     assert r.returncode == 0, r.stderr[-2000:]
     stages = [l.split(":")[0].split("] ")[1] for l in r.stdout.splitlines() if l.startswith("[")]
     assert stages == list(QUICK_STAGES), r.stdout
+    assert "teacher cache vs TeacherBank" in r.stdout and "teacher cache vs public way" in r.stdout, r.stdout
 
 def test_ctrl_c_is_one_line_and_exit_130():
     p = subprocess.Popen(CMD + ["--only", "loader,teacher_bank,mmkd"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
