@@ -140,6 +140,25 @@ def run_benchmarks(device: str = "auto",
     return out
 
 # %% ../nbs/30_bench.ipynb #8d6a1a30
+def _cache_lines(res: dict) -> list:
+    "The lines of the stages `teacher_cache` and `peer_cache`."
+    lines = []
+    for shape, c in res.get("teacher_cache", {}).items():
+        lines.append(f"teacher cache vs TeacherBank {c['bank_over_cache']:6.2f}x   ({shape} shape, {c['n_teachers']} x {c['teacher']} -> "
+                     f"{c['student']}, batch {c['batch_size']}: {1e3 * c['cache_s']:.0f} vs {1e3 * c['bank_s']:.0f} ms a step)")
+        lines.append(f"teacher cache vs public way  {c['public_over_cache']:6.2f}x   (fp32 teachers in a Python loop, a DataLoader "
+                     f"over per-image transforms: {1e3 * c['public_s']:.0f} ms; load average {c['load_after']:.1f})")
+    if "peer_cache" in res and "skipped" in res["peer_cache"]:
+        lines.append(f"kdbook+cache vs torchdistill  not measured: {res['peer_cache']['skipped']}")
+    elif "peer_cache" in res:
+        r = res["peer_cache"]
+        for n in (n for n in r["images_per_s"] if n.startswith("kdbook")):
+            lines.append(f"{n + ' vs torchdistill':28s} {r['ratios'][f'{n}/torchdistill']:6.2f}x   (one {r['teacher']} -> "
+                         f"{r['student']}, float32, {r['dataset']}, batch {r['batch_size']}, load average "
+                         f"{r['loadavg'][-1]:.1f}" + (f"; cache built in {r['setup_s'][n]:.1f} s" if n in r["setup_s"] else "")
+                         + ")")
+    return lines
+
 def format_benchmarks(res: dict) -> str:
     "The benchmark results as the lines `kdbook bench` prints."
     m = res["machine"]
@@ -192,20 +211,7 @@ def format_benchmarks(res: dict) -> str:
         p = res["ddp"]
         lines.append(f"DDP {p['world_size']} processes vs 1        {p['speedup']:6.2f}x   ({p['method']}, global batch {p['batch_size']}, gloo on the CPU, "
                      f"{p['threads']} threads in all: {p['ddp_images_per_s']:,.0f} vs {p['one_images_per_s']:,.0f} images/s)")
-    for shape, c in res.get("teacher_cache", {}).items():
-        lines.append(f"teacher cache vs TeacherBank {c['bank_over_cache']:6.2f}x   ({shape} shape, {c['n_teachers']} x {c['teacher']} -> "
-                     f"{c['student']}, batch {c['batch_size']}: {1e3 * c['cache_s']:.0f} vs {1e3 * c['bank_s']:.0f} ms a step)")
-        lines.append(f"teacher cache vs public way  {c['public_over_cache']:6.2f}x   (fp32 teachers in a Python loop, a DataLoader "
-                     f"over per-image transforms: {1e3 * c['public_s']:.0f} ms; load average {c['load_after']:.1f})")
-    if "peer_cache" in res and "skipped" in res["peer_cache"]:
-        lines.append(f"kdbook+cache vs torchdistill  not measured: {res['peer_cache']['skipped']}")
-    elif "peer_cache" in res:
-        r = res["peer_cache"]
-        for n in (n for n in r["images_per_s"] if n.startswith("kdbook")):
-            lines.append(f"{n + ' vs torchdistill':28s} {r['ratios'][f'{n}/torchdistill']:6.2f}x   (one {r['teacher']} -> "
-                         f"{r['student']}, float32, {r['dataset']}, batch {r['batch_size']}, load average "
-                         f"{r['loadavg'][-1]:.1f}" + (f"; cache built in {r['setup_s'][n]:.1f} s" if n in r["setup_s"] else "")
-                         + ")")
+    lines += _cache_lines(res)
     if "throughput" in res:
         t = res["throughput"]
         lines.append(f"training throughput          {t['images_per_s']:,.0f} images/s   ({len(t['teachers'])}x {t['teachers'][0]} -> "
