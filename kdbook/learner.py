@@ -761,9 +761,9 @@ class CheckpointCallback(Callback):
 # %% ../nbs/03_learner.ipynb #e9ed0ebc
 @patch
 def save(self: CheckpointCallback, learn) -> Path:
-    "Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints. Under DDP every rank "
-    "calls it: the student and optimizer are the same on all ranks, each rank's method state and RNG go to `rank-R.safetensors` "
-    "(R >= 1), and rank 0 writes, holding the folder's lock."
+    """Write the state after `learn`'s current epoch atomically; keep the `keep` newest checkpoints. Under DDP every
+    rank calls it: the student and optimizer are the same on all ranks, each rank's method state and RNG go to
+    `rank-R.safetensors` (R >= 1), and rank 0 writes, holding the folder's lock."""
     name, d = f"epoch-{learn.epoch + 1:04d}", learn.dist
     weights = {f"student.{k}": v.detach().contiguous().cpu() for k, v in learn.student.state_dict().items()}
     weights.update({f"method.{k}": v.detach().contiguous().cpu() for k, v in learn.method.state_dict().items()})
@@ -822,8 +822,9 @@ def _newest_readable(self: CheckpointCallback, world_size: int):
 
 @patch
 def load(self: CheckpointCallback, learn, path) -> None:
-    "Restore student, method, optimizer, RNG and history from the checkpoint directory `path` (under DDP rank 0 reads it and "
-    "sends each rank its part, so the other ranks need not see the files); `UnreadableCheckpoint` names a file that cannot be read."
+    """Restore student, method, optimizer, RNG and history from the checkpoint directory `path` (under DDP rank 0
+    reads it and sends each rank its part, so the other ranks need not see the files); `UnreadableCheckpoint` names
+    a file that cannot be read."""
     path = Path(path)
     self._apply(learn, path, broadcast_object(_read_checkpoint(path, learn.dist.world_size) if learn.dist.is_main else None))
 

@@ -145,3 +145,14 @@ def test_no_function_is_longer_than_60_lines():
     long = [(m, n.name, n.end_lineno - n.lineno + 1) for m, s in sources().items() for n in ast.walk(ast.parse(s))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
     assert not long, f"functions over 60 lines (module, name, lines): {long}"
+
+
+# ------------------------------------------------------------------------------------------------ whole docstrings
+def _is_str(node) -> bool: return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+def test_no_docstring_is_cut_by_a_second_string_statement():
+    "Two string lines in a row open a body: the second is a statement of its own, so `help()` and the docs cut the text."
+    cut = [(m, n.name, n.lineno) for m, s in sources().items() for n in ast.walk(ast.parse(s))
+           if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and len(n.body) > 1
+           and _is_str(n.body[0]) and _is_str(n.body[1])]
+    assert not cut, f"docstrings continued in a second string statement (module, name, line): {cut}"
