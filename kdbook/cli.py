@@ -8,6 +8,7 @@ Docs: https://kdbook.github.io/kdbook/cli.html.md"""
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
 import argparse, dataclasses, html, importlib, json, math, os, re, signal, sys, threading, time
 from pathlib import Path
+from typing import Callable, Sequence
 
 from . import __version__
 
@@ -69,7 +70,7 @@ class Recipe:
     drops: tuple                  # epochs at which the lr is multiplied by 0.1
     teacher_epochs: int = 240
     teacher_drops: tuple = (150, 180, 210)
-    student_lr: dict = dataclasses.field(default_factory=dict)   # an architecture's own lr
+    student_lr: dict | None = None   # an architecture's own lr, by architecture
 
     def config(self, teacher: bool = False, epochs: int | None = None, lr: float | None = None, **kw) -> TrainConfig:
         "The student's (or teachers') `TrainConfig`; a shorter `epochs` keeps the drops at the same fractions of the run."
@@ -324,7 +325,7 @@ def _train_configs(pre: Preset, recipe, student: str, epochs, teacher_epochs, ba
     if recipe is not None:
         if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
         rec = RECIPES[recipe]
-        return (rec.config(False, epochs, lr or rec.student_lr.get(student), batch_size=bs, device=device),
+        return (rec.config(False, epochs, lr or (rec.student_lr or {}).get(student), batch_size=bs, device=device),
                 rec.config(True, teacher_epochs, lr, batch_size=bs, device=device))
     scfg = TrainConfig(epochs=epochs or pre.epochs, batch_size=bs, lr=lr or pre.lr, device=device)
     tcfg = dataclasses.replace(scfg, epochs=teacher_epochs or pre.teacher_epochs)
@@ -398,11 +399,24 @@ def _dry_run(ds, teachers: list, student: str, makers: dict, cfg: TrainConfig, a
         finally: torch.random.set_rng_state(state)
 
 # %% ../nbs/90_cli.ipynb #909b6b2c
-def preset_study(data: str = "digits", teachers=None, student=None, methods=None, epochs=None,
-                 teacher_epochs=None, seeds=None, batch_size=None, lr=None, device="auto", out="kdbook-run",
-                 fresh=False, settings=(), threads=None, recipe=None, experts=None, memory=None, log=print,
-                 teacher_weights=None, normalization=None,
-                 teacher_cache="auto", teacher_cache_limit=8.0) -> dict: # teacher cache: auto|on|off, limit in GiB
+def preset_study(data: str = "digits", # a `PRESETS` name
+                 teachers: Sequence[str] | None = None, # zoo names (default: the preset's)
+                 student: str | None = None, # a zoo name (default: the preset's)
+                 methods: Sequence[str] | None = None, # registered method names (default: `DEFAULT_METHODS`)
+                 epochs: int | None = None, teacher_epochs: int | None = None, seeds: int | None = None,
+                 batch_size: int | None = None, lr: float | None = None, # the students' and the teachers' peak lr
+                 device: str = "auto", out: str | Path = "kdbook-run", # the folder of results.json and report.html
+                 fresh: bool = False, # train again even where a finished run matches
+                 settings: Sequence[tuple] = (), # (method, parameter, value) triples, `--set method.param=value`
+                 threads: int | None = None, recipe: str | None = None, # a `RECIPES` name
+                 experts: int | None = None, # teachers as experts over this many class groups
+                 memory: int | None = None, # stored images per class (with `experts`)
+                 log: Callable[[str], None] = print,
+                 teacher_weights: Sequence[str] | None = None, # checkpoint files of the papers' teachers
+                 normalization: str | None = None, # a `NORMALIZATIONS` name
+                 teacher_cache: str = "auto", # auto, on or off
+                 teacher_cache_limit: float = 8.0, # GiB
+                ) -> dict:
     "`kdbook run`: the preset (flags override), every input and combination checked, teachers trained or loaded, then `run_study`."
     _import_book()
     if data not in PRESETS: raise ValueError(f"unknown dataset {data!r}; valid: {', '.join(PRESETS)}")
@@ -626,7 +640,7 @@ def _run_command(args) -> tuple:
         if main_thread: signal.signal(signal.SIGTERM, old)
         shutdown(wait=finished)   # after a failure the other ranks may never arrive: leave without waiting
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `kdbook` command."
     args = build_parser().parse_args(argv)
     _import_book()   # torch and the chapters: after the flags parse, so `--help` answers at once

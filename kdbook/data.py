@@ -142,7 +142,7 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
         if p.is_file(): return p
     return None
 
-def _search_places(name: str, root=None) -> list[Path]:
+def _search_places(name: str, root: str | Path | None = None) -> list[Path]:
     "The places searched for `name`, in order."
     if name == "fashion-mnist":
         if root is not None: bases = [Path(root), Path(root) / "fashion-mnist", Path(root) / "FashionMNIST" / "raw"]
@@ -161,12 +161,12 @@ def _has_copy(name: str, place: Path) -> bool:
     if place.name.endswith(".tar.gz"): return place.is_file()
     return all((place / f).is_file() for f in _CIFAR[name][2])
 
-def dataset_locations(name: str, root=None) -> list[tuple[str, bool]]:
+def dataset_locations(name: str, root: str | Path | None = None) -> list[tuple[str, bool]]:
     "Every place searched for `name`, in order, and whether a copy is there."
     if _check_name(name) == "digits": return [("scikit-learn (embedded)", True)]
     return [(str(p), _has_copy(name, p)) for p in _search_places(name, root)]
 
-def find_dataset(name: str, root=None) -> str | None:
+def find_dataset(name: str, root: str | Path | None = None) -> str | None:
     "The first place holding a copy of `name`, or None; loads nothing."
     return next((p for p, ok in dataset_locations(name, root) if ok), None)
 
@@ -315,7 +315,7 @@ def _not_found(name: str, root, reason: str = "") -> DatasetNotFoundError:
 
 # %% ../nbs/01_data.ipynb #398df9a7
 def load_dataset(name: str, # one of `DATASETS`
-                 root=None, # a folder to search (and download into) instead of the default places
+                 root: str | Path | None = None, # a folder to search (and download into) instead of the default places
                  download: bool = True, # download through torchvision when no copy is found
                 ) -> ImageDataset:
     "Load a dataset by name from the first place holding a copy, downloading only if none does."
@@ -504,7 +504,7 @@ def device_sync(device) -> None:
 def median_times(fns: Sequence[Callable[[], object]], # the functions to time, called with no argument
                  reps: int, # timed rounds
                  warmup: int = 1, # untimed rounds first (first-call overheads)
-                 device=None, # a CUDA device is synchronised around each call
+                 device: str | torch.device | None = None, # a CUDA device is synchronised around each call
                 ) -> list:
     "Median seconds per call of each function, timed in interleaved rounds so that all see the same machine load."
     if isinstance(reps, bool) or not isinstance(reps, numbers.Integral) or reps < 1:

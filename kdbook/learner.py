@@ -9,7 +9,7 @@ from __future__ import annotations   # signatures name types, not `__main__.` on
 import dataclasses, importlib.metadata, inspect, json, math, os, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,8 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'METHODS', 'METHOD_PLUGINS', 'notices', 'T
            'make_method', 'topk_correct', 'task_accuracy', 'WriteError', 'atomic_write_text', 'write_safetensors',
            'atomic_write_dir', 'remove_stale_temporaries', 'exclusive', 'set_aside', 'optimizer_to_safetensors',
            'optimizer_from_safetensors', 'Callback', 'format_record', 'ProgressCallback', 'LivePlotCallback',
-           'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'Distiller', 'UnreadableCheckpoint',
-           'CheckpointCallback']
+           'MetricsLogCallback', 'NonFiniteLossError', 'resolve_device', 'TeacherLogits', 'Distiller',
+           'UnreadableCheckpoint', 'CheckpointCallback']
 
 # %% ../nbs/03_learner.ipynb #594c6f90
 OPTIMIZERS = ("sgd", "adam")
@@ -486,16 +486,21 @@ def _set_rng_state(st: dict, device):
     if device.type == "cuda" and "cuda" in st: torch.cuda.set_rng_state(st["cuda"], device)
 
 # %% ../nbs/03_learner.ipynb #8b24e5f8
+class TeacherLogits(Protocol):
+    "What `Distiller(teacher_logits=...)` reads instead of running the teachers (chapter 09's cache is one)."
+    def lookup(self, idx: Tensor, views: Tensor) -> Tensor | list:
+        "The teachers' logits `[M, B, C]` (or a list, for teachers over different classes) of images `idx` in `views`."
+
 class Distiller:
     "Train `student` with `method` on `data`, distilling from `teachers`; checkpointed, resumable, logged."
     def __init__(self, student: nn.Module, method: Method | None = None, data: ImageDataset | None = None,
-                 teachers=None, cfg: TrainConfig | None = None,
-                 out_dir=None, # checkpoints and metrics.jsonl go here (None: nothing is written)
+                 teachers: Sequence[nn.Module] | TeacherBank | None = None, cfg: TrainConfig | None = None,
+                 out_dir: str | Path | None = None, # checkpoints and metrics.jsonl go here (None: nothing is written)
                  resume: bool = False, # continue from the newest checkpoint in `out_dir`, if there is one
                  callbacks: Sequence[Callback] = (), progress: bool | str = "auto", live_plot: bool = False,
                  check_every: int = 50, # steps between reads of the on-device non-finite flag
                  tasks: Sequence[Tensor] | None = None, # class ids of each task, for per-task accuracy
-                 teacher_logits=None): # the teachers' logits by (image, view), not computed (chapter 09)
+                 teacher_logits: TeacherLogits | None = None): # the teachers' logits by (image, view), not computed (chapter 09)
         if data is None: raise ValueError("data must be an ImageDataset (see kdbook.data.load_dataset), got None")
         self.cfg, self.method = cfg or TrainConfig(), (method if method is not None else Method())
         if not isinstance(self.method, Method):

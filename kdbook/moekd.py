@@ -203,6 +203,9 @@ class MixtureKD(Method):
     needs_teachers = True
     teacher_outputs = False
 
+    def __init__(self):   # its settings are its subclasses' (the docs show this signature, not nn.Module's `*args`)
+        super().__init__()
+
     def gate_logits(self, s: ModelOut) -> Tensor:
         "The gate's logits (or log-probabilities), `[B, K]`."
         raise NotImplementedError(f"{type(self).__name__} must define gate_logits")

@@ -24,7 +24,7 @@ from .data import ImageDataset, cache_dir
 from .dist import barrier, broadcast_object, current
 from .models import REPDISTILLER_CIFAR100_MEAN, REPDISTILLER_CIFAR100_STD, create_model, from_public_checkpoint
 from .models import infer_public_arch, load_public_state_dict
-from .learner import (Callback, Method, TrainConfig, Distiller, NonFiniteLossError, WriteError, atomic_write_dir, atomic_write_text,
+from .learner import (Callback, TeacherLogits, Method, TrainConfig, Distiller, NonFiniteLossError, WriteError, atomic_write_dir, atomic_write_text,
                             exclusive, make_method, notices, remove_stale_temporaries, set_aside, write_safetensors)
 
 # %% auto #0
@@ -138,7 +138,7 @@ def _train_or_load_teacher(arch: str, seed: int, data: ImageDataset, cfg: TrainC
 
 # %% ../nbs/07_study.ipynb #a2acb3a0
 def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequence[int] = (0,),
-                   epochs: int = 30, cfg: TrainConfig | None = None, cache=None, progress: bool | str = "auto",
+                   epochs: int = 30, cfg: TrainConfig | None = None, cache: str | Path | None = None, progress: bool | str = "auto",
                    verbose: bool = True) -> list:
     """Train (or load from the cache) one teacher per (arch, seed) pair; `archs` and `seeds` are zipped when
     equally long, else every arch gets every seed. Returns the teachers in eval mode, each with `.info`.
@@ -214,8 +214,11 @@ class StudyResult:
     "What `run_study` returns: its configuration, one record per (method, seed), and the trained methods."
     config: dict # data and its digest, student, teachers, method labels, seeds, training configuration, version
     runs: dict # "label/seed" -> status, top1, top5, tasks, seconds, history, hparams, key, reused
-    methods: dict = field(default_factory=dict) # "label/seed" -> the trained `Method` (runs trained in this call)
-    extra: dict = field(default_factory=dict) # more JSON-able facts for results.json (e.g. the teachers' accuracies)
+    methods: dict | None = None # "label/seed" -> the trained `Method` (runs trained in this call)
+    extra: dict | None = None # more JSON-able facts for results.json (e.g. the teachers' accuracies)
+
+    def __post_init__(self):   # None: nothing yet (a `None` default reads better in the docs than a factory's)
+        self.methods, self.extra = self.methods if self.methods is not None else {}, self.extra if self.extra is not None else {}
 
     def top1(self, label: str) -> list:
         "Final top-1 (%) of each finished seed of `label`."
@@ -446,13 +449,13 @@ def run_study(data: ImageDataset, # every student trains and is tested on it
               cfg: TrainConfig | None = None, # the students' training configuration (its seed is each run's)
               settings: Mapping[str, dict] | None = None, # method name -> hyper-parameters, for methods given by name
               baseline: bool | str = True, # also train the student alone, first, labelled `ce` (or this label)
-              out=None, # folder for results.json, checkpoints and reuse (None: nothing written)
+              out: str | Path | None = None, # folder for results.json, checkpoints and reuse (None: nothing written)
               fresh: bool = False, # ignore finished runs and checkpoints in `out`: train everything again
               tasks: Sequence[Tensor] | None = None, # class ids per task: per-task accuracy (amalgamation)
               on_error: str = "raise", # "raise", or "record" a failed run and go on
               log: Callable | None = None, # e.g. `print`: one line per run
               extra: dict | None = None, # more JSON for results.json (e.g. the teachers' accuracies)
-              teacher_cache=None, # the teachers' logits by (image, view) for logit-only methods (chapter 09)
+              teacher_cache: TeacherLogits | None = None, # the teachers' logits by (image, view) for logit-only methods (chapter 09)
              ) -> StudyResult:
     """Train the student alone and one student per method and seed; reuse a finished run only if every setting matches.
     With `out`, the study holds the folder's lock: a second study on the same folder waits, then reuses what this one finished."""

@@ -180,7 +180,7 @@ def build_teacher_cache(teachers, # trained teachers (models returning `ModelOut
                         pad: int | None = None, flip: bool | None = None, # default: `data.pad`, `data.flip`
                         dtype: str = "float32", # "float32": exact; "float16": half the disk, rounded
                         device="cpu", # where the teachers run (and, for a GPU, where the table is read)
-                        root=None, # default: `cache_dir("teachers") / "logits"`
+                        root: str | Path | None = None, # default: `cache_dir("teachers") / "logits"`
                         batch_size: int = 256, progress=False, # True: a bar; or a function `(done, total)`
                        ) -> TeacherLogitCache:
     "Every teacher's logits on every view of every training image, computed once with the `TeacherBank`."
@@ -235,7 +235,7 @@ def plan_teacher_cache(mode: str, # "auto": when it saves teacher passes; "on": 
                        seeds: int, epochs: int, # the study's runs of each method
                        dtype: str = "float32",
                        max_bytes: float = 8 * 2**30, # refuse a bigger table (the teachers then run live)
-                       root=None, # where it would be written (its free space is checked)
+                       root: str | Path | None = None, # where it would be written (its free space is checked)
                       ) -> CachePlan:
     "Build a cache when `mode` asks for it and it fits; under 'auto' only when it takes fewer teacher passes."
     if mode not in ("auto", "on", "off"):
@@ -263,7 +263,7 @@ def plan_teacher_cache(mode: str, # "auto": when it saves teacher passes; "on": 
 # %% ../nbs/09_teacher_cache.ipynb #c15c606e
 def prepare_teacher_cache(mode: str, teachers: Sequence[nn.Module], data: ImageDataset,
                           makers: Mapping[str, Callable], seeds: int, cfg: TrainConfig,
-                          max_bytes: float = 8 * 2**30, root=None,
+                          max_bytes: float = 8 * 2**30, root: str | Path | None = None,
                           log: Callable = print) -> TeacherLogitCache | None:
     "Before a study: plan, build (with a bar) or open the cache, and say so; None: live teachers."
     if not teachers: return None
@@ -305,7 +305,7 @@ def _public_batches(data: ImageDataset, batch_size: int):
 
 def step_speed(teacher: str = "resnet20", student: str = "resnet8", n_teachers: int = 5,
                shape: tuple = (1, 28, 28), n_classes: int = 10, batch_size: int = 128, method: str = "aver",
-               reps: int = 5, device="cpu", root=None) -> dict:
+               reps: int = 5, device="cpu", root: str | Path | None = None) -> dict:
     """Median seconds of one training step (forward, loss, backward, SGD) of `student` with the teachers'
     logits read from a cache, computed by the `TeacherBank`, by `PlainTeacherLoop`, by that loop on a batch
     from a `DataLoader` over per-image transforms (the public codes' way), and of the student alone; the

@@ -64,3 +64,12 @@ def test_method_chapters_show_the_code_they_teach(stem):
     shown = [s for s in cells if s.lstrip().startswith("#| exports")]
     assert any(TAUGHT[stem] in s for s in shown), f"{stem}: `{TAUGHT[stem]}` is not in a shown (#| exports) cell"
     assert len(shown) >= 3, f"{stem}: only {len(shown)} exported cells are shown"
+
+UNTYPED = re.compile(r":NoneType=|:builtin_function_or_method=|=<factory>")
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_api_docs_show_real_types_and_defaults(nb):
+    """show_doc prints a default's type when a parameter has no annotation (`NoneType=None`, `builtin_function_or_method`)
+    and `<factory>` for a dataclass factory: annotate, or give a plain default."""
+    bad = [(i, m.group(0)) for i, o in _outputs(nb) for m in UNTYPED.finditer(_text(o) + "".join(o.get("data", {}).get("text/markdown", "")))]
+    assert not bad, f"{nb.name}: API docs with an inferred type or default (cell, text) {bad}"
