@@ -275,7 +275,7 @@ def _display_name(label: str) -> str: return "student" if label == "ce" else lab
 
 def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method, mean, std, n (failed methods, mean None, are left out)
                 paper: Mapping[str, float] | None = None, # method -> the paper's number, drawn as a marker
-                title: str = "Student top-1 (mean ± std over seeds)",
+                title: str | None = None, # default: says the number of seeds (no spread is drawn for one)
                 yaxis_title: str = "top-1 (%)",
                 height: int = 360,
                 widget: bool = False, # return a live `FigureWidget`
@@ -291,11 +291,15 @@ def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method,
         fig.add_scatter(x=[m for m, _ in marks], y=[v for _, v in marks], mode="markers", name="paper",
                         marker=dict(symbol="diamond", size=12, color="black"))
     vals = [r["mean"] - (r["std"] or 0) for r in rows] + [r["mean"] + (r["std"] or 0) for r in rows] + [v for _, v in marks]
-    if vals:
+    if vals:   # zoomed to the bars' tops: a broken axis, said in its title, so that the gaps are not read as ratios
         lo, hi = min(vals), max(vals)
-        pad = 0.2 * (hi - lo) + 0.5
-        fig.update_yaxes(range=[lo - pad, hi + pad])
-    fig.update_layout(title=title, yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40), showlegend=bool(marks))
+        pad = 0.2 * (hi - lo) + 0.01 * max(abs(hi), abs(lo))   # in the values' own scale (a ρ, a percentage)
+        if lo - pad > 0: yaxis_title += f" (axis from {lo - pad:.1f}, not 0)"
+        fig.update_yaxes(range=[max(lo - pad, 0), hi + pad])
+    ns = sorted({r.get("n") for r in rows if r.get("n") is not None})
+    seeds = "one seed" if ns == [1] else f"mean ± std over {'/'.join(map(str, ns))} seeds" if ns else "mean ± std over seeds"
+    fig.update_layout(title=title or f"Student top-1 ({seeds})", yaxis_title=yaxis_title, height=height,
+                      margin=dict(t=50, b=40), showlegend=bool(marks))
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #83503af3
@@ -311,7 +315,7 @@ def study_curves(study, # a `StudyResult`, or the dict of a `results.json`
     return out
 
 def curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], # label -> one curve per run (seed), each a value per epoch
-                  title: str = "Test top-1 during training (mean ± std over seeds)",
+                  title: str | None = None, # default: says the number of runs (no band is drawn for one)
                   xaxis_title: str = "epoch",
                   yaxis_title: str = "top-1 (%)",
                   height: int = 360,
@@ -330,7 +334,11 @@ def curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], # label -> on
             fig.add_scatter(x=x + x[::-1], y=(m + s).tolist() + (m - s)[::-1].tolist(), fill="toself", opacity=0.2,
                             line=dict(width=0), fillcolor=color, legendgroup=name, showlegend=False, hoverinfo="skip")
         fig.add_scatter(x=x, y=m.tolist(), mode="lines", name=name, line=dict(color=color), legendgroup=name)
-    fig.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40))
+    runs = sorted({len(r) for r in curves.values()})
+    seeds = "one run each" if runs == [1] else f"mean ± std over {'/'.join(map(str, runs))} runs" if runs else ""
+    fig.update_xaxes(tickformat="d", dtick=max(1, round(max((len(c) for r in curves.values() for c in r), default=1) / 8)))
+    fig.update_layout(title=title or f"Test top-1 during training ({seeds})", xaxis_title=xaxis_title,
+                      yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40))
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #f7283cc5

@@ -415,6 +415,8 @@ def _checked_run(label, seed, net, method, key, ctx, log) -> dict:
 # %% ../nbs/07_study.ipynb #d5a8c3e1
 def _run_all(res: StudyResult, makers: dict, student, old: dict, earlier: dict, data_fp, teacher_fps, ctx, log) -> None:
     "Train (or reuse) every (method, seed) run into `res`, rewriting results.json after each."
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)   # torch imports its compiler for the first optimizer
+    # a process builds (seconds): here, so that no run's `seconds` carries it (the first would look slowest)
     data, cfg, out, tasks = ctx["data"], ctx["cfg"], ctx["out"], ctx["tasks"]
     def save():
         if out is not None and current().is_main: atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=1))

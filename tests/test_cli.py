@@ -105,6 +105,12 @@ def test_short_study_table_results_and_report(env, tmp_path):
     assert r2.returncode == 0 and "reused 6 finished runs with the same settings" in r2.stdout, r2.stdout
     assert "replacing" in r2.stdout and "report.html" in r2.stdout
     assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+    # its size is plotly.js itself, included once so that it opens offline; the rest is a few hundred kB at most
+    import plotly
+    report = (out / "report.html").read_text()
+    js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").stat().st_size
+    assert report.count("plotly.js v") == 1 and len(report.encode()) - js < 300_000, (len(report), js)
+    assert "mean ± std over 2 seeds" in report and "(axis from " in report   # the figures say what they show
 
     browser = chromium()
     require_system(browser is not None, "Chromium (to open report.html)")

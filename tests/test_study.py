@@ -1,7 +1,7 @@
 """The study runner (chapter 07): runs are paired by seed. For one seed every method starts from the same student
 weights, sees the same batches in the same order with the same augmentation, and distils from the same teachers, so the
 difference of two methods at one seed is a paired difference (chapter 00's `paired_comparison` rests on this)."""
-import hashlib
+import hashlib, subprocess, sys
 
 import pytest
 import torch
@@ -58,3 +58,23 @@ def test_runs_with_one_seed_are_paired(study):
     assert len(a0["batches"]) == 2 * (len(load_dataset("digits").train) // 256)
     # and the two methods did train differently (otherwise the pairing check above would be vacuous)
     assert res.runs["rec_a/0"]["history"] != res.runs["rec_b/0"]["history"]
+
+
+def test_no_run_is_charged_for_torchs_one_time_compiler_import():
+    """The first optimizer a process builds imports torch's compiler (seconds); `run_study` does that before its first
+    run, so the student alone (trained first) does not look slowest in the table. Checked in a fresh process."""
+    code = """
+import sys, torch
+from kdbook import study
+from kdbook.data import load_dataset
+from kdbook.learner import TrainConfig
+seen, train = [], study._train_run
+def spy(*a, **k): seen.append("torch._dynamo" in sys.modules); return train(*a, **k)
+study._train_run = spy
+assert "torch._dynamo" not in sys.modules
+study.run_study(load_dataset("digits").subset(64, 32), [], "mlp_tiny", [], seeds=range(1), cfg=TrainConfig(epochs=1, batch_size=32))
+print(seen)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[True]", r.stdout
