@@ -43,7 +43,7 @@ def _stage_names(model: nn.Module) -> list:
     stages = getattr(model, "stages", None)
     return [f"stages.{i}" for i in range(len(stages))] if isinstance(stages, nn.ModuleList) else []
 
-def resolve_layer(model: nn.Module, layer=None) -> nn.Module:
+def resolve_layer(model: nn.Module, layer: int | str | nn.Module | None = None) -> nn.Module:
     "The module `layer` names in `model`: None (the last stage), a stage index, a name from `named_modules()`, or a module of `model`."
     names = _stage_names(model)
     allowed = f"None (the last stage), a stage index in [-{len(names)}, {len(names)}), a name such as {', '.join(names) or 'a submodule name'}, or a submodule"
@@ -86,7 +86,7 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
     with _EvalMode(model), torch.no_grad(): return _Logits(model)(x[:1]).shape[-1]
 
 # %% ../nbs/05_explain.ipynb #3f825997
-def layer_output_shape(model: nn.Module, x: Tensor, layer=None) -> tuple:
+def layer_output_shape(model: nn.Module, x: Tensor, layer: int | str | nn.Module | None = None) -> tuple:
     "The shape `[1, C, h, w]` of what `layer` outputs for the first image of `x` (one forward pass, no grad)."
     module, seen = resolve_layer(model, layer), []
     handle = module.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
@@ -112,7 +112,7 @@ def _check_maps(model, x, layer, module) -> None:
 def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module returning logits
              x: Tensor, # images `[B, C, H, W]`, normalised as the model was trained
              target, # the class to explain: an int, or one class index per image `[B]`
-             layer=None, # None (the last stage), a stage index, a module name, or a submodule
+             layer: int | str | nn.Module | None = None, # None (the last stage), a stage index, a module name, or a submodule
             ) -> Tensor: # maps `[B, H, W]`, non-negative, at the input's resolution
     "Grad-CAM of `target` at `layer` through captum's `LayerGradCam`, for the whole batch in one pass, upsampled bilinearly."
     from captum.attr import LayerAttribution, LayerGradCam
@@ -124,7 +124,7 @@ def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module 
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 # %% ../nbs/05_explain.ipynb #08fb4091
-def grad_cam_loop(model: nn.Module, x: Tensor, target, layer=None) -> Tensor:
+def grad_cam_loop(model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None) -> Tensor:
     "The same maps one image at a time, as captum's tutorials call `LayerGradCam` (the speed comparison's baseline)."
     from captum.attr import LayerAttribution, LayerGradCam
     x, t = _prepare(model, x, target)
@@ -157,12 +157,12 @@ def integrated_gradients(model: nn.Module, # any model (the MLPs included)
     return attr.detach(), delta.detach()
 
 # %% ../nbs/05_explain.ipynb #e6af87f7
-def has_feature_maps(model: nn.Module, x: Tensor, layer=None) -> bool:
+def has_feature_maps(model: nn.Module, x: Tensor, layer: int | str | nn.Module | None = None) -> bool:
     "Whether `layer` (default: the last stage) outputs spatial maps `[B, C, h, w]` with h·w ≥ 2, so that Grad-CAM applies."
     shape = layer_output_shape(model, x.to(next(model.parameters()).device), layer)
     return len(shape) == 4 and shape[2] * shape[3] >= 2
 
-def attribution_map(model: nn.Module, x: Tensor, target, layer=None, n_steps: int = 32) -> Tensor:
+def attribution_map(model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None, n_steps: int = 32) -> Tensor:
     "One non-negative map `[B, H, W]` per image: Grad-CAM where the model has feature maps, else |Integrated Gradients| summed over channels."
     if has_feature_maps(model, x, layer): return grad_cam(model, x, target, layer)
     attr, _ = integrated_gradients(model, x, target, n_steps=n_steps)
