@@ -1,4 +1,4 @@
-"""*Multi-Expert Collaboration: Enhancing Heterogeneous Knowledge Independence and Alignment in Knowledge Distillation* (anonymous, under review; `../shared/papers/mec.txt`, no public code): the multi-head student, the Helmholtz free energy anchored to Δ, derived and checked, and run live against chapter 12's KA and CFL.
+"""*Multi-Expert Collaboration: Enhancing Heterogeneous Knowledge Independence and Alignment in Knowledge Distillation* (anonymous, under review; `../shared/papers/mec.txt`, no public code): the multi-head student, the Helmholtz free energy anchored to Δ, derived and checked, and run live against chapter 12's concatenated-target KD (its `KA` class, called concat-KD here) and CFL.
 
 Docs: https://kdbook.github.io/kdbook/mec.html.md"""
 
@@ -27,17 +27,20 @@ __all__ = ['PAPER_RESULTS', 'free_energy', 'head_layout', 'padded_heads', 'head_
 def free_energy(logits: Tensor, # a head's logits `[..., K]`
                 T: float = 1.0, # temperature (Liu et al.'s; 1 in MEC)
                ) -> Tensor:     # `[...]`
-    "Helmholtz free energy (Eq. 8): F = −T·log Σ_y exp(h[y]/T). Lower F: a more confident head; −F is the confidence score."
+    ("Helmholtz free energy (Eq. 8): F = −T·log Σ_y exp(h[y]/T). "
+     "Lower F: a more confident head; −F is the confidence score.")
     T = check_temperature(T)
     return -T * torch.logsumexp(upcast(logits) / T, -1)
 
 # %% ../nbs/13_mec.ipynb #79b4ca30
 def head_layout(tasks) -> tuple:
-    "For heads over the class groups `tasks`: `index [N, K_max]`, the global class of each head's slot (0 where padded), and `valid [N, K_max]`."
+    ("For heads over the class groups `tasks`: `index [N, K_max]`, the global class of each "
+     "head's slot (0 where padded), and `valid [N, K_max]`.")
     kmax = max(len(t) for t in tasks)
     index = torch.zeros(len(tasks), kmax, dtype=torch.int64)
     valid = torch.zeros(len(tasks), kmax, dtype=torch.bool)
-    for m, t in enumerate(tasks): index[m, :len(t)], valid[m, :len(t)] = torch.as_tensor(t).cpu(), True
+    for m, t in enumerate(tasks):
+        index[m, :len(t)], valid[m, :len(t)] = torch.as_tensor(t).cpu(), True
     return index, valid
 
 def padded_heads(union: Tensor, # every head's logits `[B, C]`, in class order
@@ -50,9 +53,11 @@ def head_free_energies(union: Tensor, index: Tensor, valid: Tensor) -> Tensor:
     return -torch.logsumexp(padded_heads(upcast(union), index, valid), -1)
 
 def mec_scores(union: Tensor, index: Tensor, valid: Tensor) -> Tensor:
-    "Scores `[B, C]`: p(y | head) + 2·(rank of the head by −F). Argmax = Eq. 12–13; argmax within a task = that head's; top-k walks the heads by −F."
+    ("Scores `[B, C]`: p(y | head) + 2·(rank of the head by −F). Argmax = Eq. 12–13; "
+     "argmax within a task = that head's; top-k walks the heads by −F.")
     union = upcast(union)
-    rank = head_free_energies(union, index, valid).neg().argsort(-1).argsort(-1).to(union.dtype)   # 0: the lowest −F
+    # 0: the lowest −F
+    rank = head_free_energies(union, index, valid).neg().argsort(-1).argsort(-1).to(union.dtype)
     within = torch.softmax(padded_heads(union, index, valid), -1)
     scores = torch.empty_like(union)
     scores[:, index[valid]] = (within + 2 * rank.unsqueeze(-1))[:, valid]
@@ -62,7 +67,8 @@ def mec_scores(union: Tensor, index: Tensor, valid: Tensor) -> Tensor:
 def channel_kl(fg: Tensor, # the generalist's common features `[B, h, H, W]`
                fi: Tensor, # an expert's, same shape
               ) -> Tensor:
-    "Eq. 4: KL(f_G ‖ f_i) = H(f_G, f_i) − H(f_G), each map a distribution over channels (softmax at every position); mean over positions and batch."
+    ("Eq. 4: KL(f_G ‖ f_i) = H(f_G, f_i) − H(f_G), each map a distribution over channels "
+     "(softmax at every position); mean over positions and batch.")
     lg, li = F.log_softmax(upcast(fg), 1), F.log_softmax(upcast(fi), 1)
     return (lg.exp() * (lg - li)).sum(1).mean()
 
@@ -74,27 +80,37 @@ def reconstruction_norm(rec: Tensor, f: Tensor) -> Tensor:
 def memory_data(am: Amalgamation, # the setting: data and the experts' class groups
                 experts,          # expert m's network (over its own classes), returning `ModelOut`
                 k: int = 20,      # exemplars per class (20 in §5.2)
-                repeat: int = 1,  # passes over the memory per epoch (evaluation runs once per epoch)
-                device=None,      # where the experts compute the features (None: where their parameters are)
+                # passes over the memory per epoch (evaluation runs once per epoch)
+                repeat: int = 1,
+                # where the experts compute the features (None: where their parameters are)
+                device=None,
                ) -> ImageDataset:
-    "The exemplar memory (§5.2): per class the `k` training samples whose expert features lie nearest the class mean (L2); the whole test split."
+    ("The exemplar memory (§5.2): per class the `k` training samples whose expert features lie "
+     "nearest the class mean (L2); the whole test split.")
     check_int("memory size k", k, 1)
     check_int("repeat", repeat, 1)
-    if len(experts) != len(am.tasks): raise ValueError(f"{len(am.tasks)} class groups but {len(experts)} experts")
+    if len(experts) != len(am.tasks):
+        raise ValueError(f"{len(am.tasks)} class groups but {len(experts)} experts")
     d, idx = am.data, []
     for m, (task, e) in enumerate(zip(am.tasks, experts)):
-        own = torch.isin(d.train.y, task).nonzero().squeeze(1)           # expert m's samples, in the dataset's order (expert_data's)
+        # expert m's samples, in the dataset's order (expert_data's)
+        own = torch.isin(d.train.y, task).nonzero().squeeze(1)
         ed = am.expert_data(m)
         fewest = int(torch.bincount(ed.train.y).min())
-        if fewest < k: raise ValueError(f"memory size k={k} is more than the {fewest} training samples of a class of expert {m}")
+        if fewest < k:
+            raise ValueError(f"memory size k={k} is more than the {fewest} training samples "
+                             f"of a class of expert {m}")
         was = e.training
         e.eval().to(device or next(e.parameters()).device)
         with torch.no_grad():
-            feats = torch.cat([upcast(e(x).pooled).cpu() for x, _, _ in ed.loader("train", device=device or next(e.parameters()).device)])
+            where = device or next(e.parameters()).device
+            batches = ed.loader("train", device=where)
+            feats = torch.cat([upcast(e(x).pooled).cpu() for x, _, _ in batches])
         e.train(was)
         idx.append(own[exemplar_memory(feats, ed.train.y, k)])
     idx = torch.cat(idx).repeat(repeat)
-    return ImageDataset(f"{d.name}:memory{k}" + (f"x{repeat}" if repeat > 1 else ""), d.train.take(idx), d.test, d.classes,
+    name = f"{d.name}:memory{k}" + (f"x{repeat}" if repeat > 1 else "")
+    return ImageDataset(name, d.train.take(idx), d.test, d.classes,
                         d.mean, d.std, d.pad, d.flip, d.source)
 
 # %% ../nbs/13_mec.ipynb #e94f3c19
@@ -104,20 +120,23 @@ def _pool_to(f: Tensor, size: tuple) -> Tensor:
 
 @register_method
 class MEC(Amalgamating):
-    "Multi-Expert Collaboration: a head per expert (from its classifier), free energies anchored to Δ, per-head KD, MERL (Eq. 11)."
+    ("Multi-Expert Collaboration: a head per expert (from its classifier), free energies "
+     "anchored to Δ, per-head KD, MERL (Eq. 11).")
     name = "mec"
     chapter = "mec"
-    paper = "Multi-Expert Collaboration (anonymous, under review): one head per expert, Helmholtz free energy anchored to Δ"
+    paper = ("Multi-Expert Collaboration (anonymous, under review): one head per expert, "
+             "Helmholtz free energy anchored to Δ")
     def __init__(self, T: float = 4.0,        # temperature of the per-head KD (Eq. 10)
-                 gamma: float = 1.0,          # weight of the labels' cross-entropy over all heads (1 in Eq. 11)
+                 gamma: float = 1.0,          # weight of the CE over all heads (1 in Eq. 11)
                  lam1: float = 1.0,           # λ1: weight of MERL's L_M + L_R
                  lam2: float = 0.1,           # λ2: weight of the anchor loss + Σ per-head KD
                  delta: float = -5.0,         # Δ: the free-energy anchor (Eq. 9)
-                 hidden: int = 0,             # channels of the common space (0: half the student's, "half the size")
+                 hidden: int = 0,             # common space's channels (0: half the student's)
                  merl: bool = True,           # multi-expert representation learning (Eq. 4–6)
-                 cal: bool = True):           # the heads, the anchor and the per-head KD; False: one head and KA's target
+                 cal: bool = True):           # the heads, anchor and per-head KD (False: one head)
         super().__init__(T, gamma)
-        self.lam1, self.lam2, self.delta = check_nonneg("lam1", lam1), check_nonneg("lam2", lam2), check_finite("delta", delta)
+        self.lam1, self.lam2 = check_nonneg("lam1", lam1), check_nonneg("lam2", lam2)
+        self.delta = check_finite("delta", delta)
         check_int("hidden", hidden, 0)
         for k, v in (("merl", merl), ("cal", cal)):
             if not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
@@ -127,17 +146,24 @@ class MEC(Amalgamating):
     def setup(self, student, bank, batch):
         s = student(batch[0])
         if self.cal:
-            self.heads = nn.Linear(s.pooled.shape[1], s.logits.shape[1])   # every head in one matrix, rows in class order
-            # the student's own classifier is not used: frozen, so no optimizer step and no DDP bucket waits for it
-            if isinstance(getattr(student, "classifier", None), nn.Module): student.classifier.requires_grad_(False)
+            # every head in one matrix, rows in class order
+            self.heads = nn.Linear(s.pooled.shape[1], s.logits.shape[1])
+            # the student's own classifier is not used: frozen, so no optimizer step and no DDP
+            # bucket waits for it
+            if isinstance(getattr(student, "classifier", None), nn.Module):
+                student.classifier.requires_grad_(False)
         if self.merl:
             fs, fts = s.feats[-1], [f[-1] for f in bank(batch[0], feats=True).feats]
-            if fs.dim() != 4: raise ValueError("MERL aligns feature maps: the student's last feature is not a [B, C, H, W] map")
+            if fs.dim() != 4:
+                raise ValueError("MERL aligns feature maps: the student's last feature is not "
+                                 "a [B, C, H, W] map")
             self._size = tuple(fs.shape[-2:])
-            self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], self.hidden or max(1, fs.shape[1] // 2))
+            h = self.hidden or max(1, fs.shape[1] // 2)
+            self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], h)
 
     def prepare(self, learner):
-        "The tasks checked (`Amalgamating.prepare`), the heads' layout, and head m copied from expert m's classifier where the sizes match."
+        ("The tasks checked (`Amalgamating.prepare`), the heads' layout, and head m copied "
+         "from expert m's classifier where the sizes match.")
         super().prepare(learner)
         index, valid = head_layout(self._tasks)
         self._index, self._valid = index.to(learner.device), valid.to(learner.device)
@@ -148,7 +174,9 @@ class MEC(Amalgamating):
         with torch.no_grad():
             for t, e in zip(self._tasks, learner.bank.teachers):
                 ok = e.classifier.in_features == self.heads.in_features
-                if ok: self.heads.weight[t], self.heads.bias[t] = e.classifier.weight.to(self.heads.weight), e.classifier.bias.to(self.heads.bias)
+                if ok:
+                    self.heads.weight[t] = e.classifier.weight.to(self.heads.weight)
+                    self.heads.bias[t] = e.classifier.bias.to(self.heads.bias)
                 self.copied.append(ok)
 
     def head_logits(self, s: ModelOut) -> Tensor:
@@ -156,35 +184,41 @@ class MEC(Amalgamating):
         return upcast(self.heads(s.pooled))
 
     def anchor_loss(self, u: Tensor, y: Tensor) -> Tensor:
-        "Eq. 9 summed over the heads: per head, the mean of (F^m(x) − Δ)² over the batch's in-stage samples."
+        "Eq. 9 summed over the heads: per head, the mean of (F^m(x) − Δ)² in-stage."
         m = self._task_of[y]
-        sq = (head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1) - self.delta) ** 2
+        F_own = head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1)
+        sq = (F_own - self.delta) ** 2
         n, d = len(self._tasks), current()
-        # under DDP each rank's sum goes over the global count, times the world size (DDP averages the ranks' losses)
+        # under DDP each rank's sum goes over the global count, times the world size
+        # (DDP averages the ranks' losses)
         counts = all_reduce(torch.bincount(m, minlength=n), "sum")
         return (d.world_size * sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)).sum()
 
     def head_kd(self, u: Tensor, t) -> Tensor:
-        "Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m / T) ‖ softmax(head m / T)), every sample of the batch."
-        return sum(kd_loss(u[:, task], upcast(tl), self.T) for task, tl in zip(self._tasks, t.logits))
+        "Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m/T) ‖ softmax(head m/T)), all samples."
+        pairs = zip(self._tasks, t.logits)
+        return sum(kd_loss(u[:, task], upcast(tl), self.T) for task, tl in pairs)
 
     def merl_losses(self, s: ModelOut, t) -> tuple:
         "L_M (Eq. 4–5) and L_R (Eq. 6) in the common space."
         fts = [_pool_to(f[-1], self._size) for f in t.feats]
         hs, hts, recs = self.common(upcast(s.feats[-1]), fts)
-        return sum(channel_kl(hs, h) for h in hts), sum(reconstruction_norm(r, f) for r, f in zip(recs, fts))
+        L_M = sum(channel_kl(hs, h) for h in hts)
+        return L_M, sum(reconstruction_norm(r, f) for r, f in zip(recs, fts))
 
     def loss(self, batch, s, t):
         y, out = batch[1], {}
         if self.cal:
             u = self.head_logits(s)
-            out["ce"], out["anchor"], out["kd"] = F.cross_entropy(u, y), self.anchor_loss(u, y), self.head_kd(u, t)
+            out["ce"], out["anchor"] = F.cross_entropy(u, y), self.anchor_loss(u, y)
+            out["kd"] = self.head_kd(u, t)
         else:   # MERL only: the single head, distilled from the concatenated target as KA does
             out["ce"], out["kd"] = F.cross_entropy(upcast(s.logits), y), self.soft_loss(s, t)
             out["anchor"] = torch.zeros_like(out["ce"])
         if self.merl: out["merl_m"], out["merl_r"] = self.merl_losses(s, t)
         feat = out["merl_m"] + out["merl_r"] if self.merl else 0.0
-        out["loss"] = self.gamma * out["ce"] + self.lam1 * feat + self.lam2 * (out["anchor"] + out["kd"])
+        cal_terms = out["anchor"] + out["kd"]
+        out["loss"] = self.gamma * out["ce"] + self.lam1 * feat + self.lam2 * cal_terms
         return out
 
     def predict(self, s: ModelOut) -> Tensor:
@@ -196,44 +230,57 @@ class MEC(Amalgamating):
 
 # %% ../nbs/13_mec.ipynb #ce45f989
 def mec_speed(data: ImageDataset,    # e.g. `kdbook.data.synthetic_dataset(10, (1, 28, 28))`
-              n_experts: int = 5, batch: int = 64, reps: int = 20, student: str = "cnn_small", device: str = "cpu") -> dict:
-    "Seconds per training step of KA, MEC with CAL only, MERL only and both (untrained experts alternating cnn_small/resnet8); ratios to KA."
+              n_experts: int = 5, batch: int = 64, reps: int = 20, student: str = "cnn_small",
+              device: str = "cpu") -> dict:
+    ("Seconds per training step of KA, MEC with CAL only, MERL only and both (untrained experts "
+     "alternating cnn_small/resnet8); ratios to KA.")
     am = Amalgamation.split(data, n_experts, seed=0)
     c = data.in_channels
     torch.manual_seed(0)
-    experts = [create_model(("cnn_small", "resnet8")[m % 2], len(t), c) for m, t in enumerate(am.tasks)]
+    archs = ("cnn_small", "resnet8")
+    experts = [create_model(archs[m % 2], len(t), c) for m, t in enumerate(am.tasks)]
     s0 = create_model(student, data.n_classes, c)
-    makers = {"ka": KA, "cal_only": lambda: MEC(merl=False), "merl_only": lambda: MEC(cal=False), "mec": MEC}
+    makers = {"ka": KA, "cal_only": lambda: MEC(merl=False), "merl_only": lambda: MEC(cal=False),
+              "mec": MEC}
     steps = {}
     for name, make in makers.items():
-        d = Distiller(copy.deepcopy(s0), make(), data, teachers=experts, progress=False, tasks=am.tasks,
-                      cfg=TrainConfig(epochs=1, batch_size=batch, device=device, optimizer="adam", lr=1e-3))
+        cfg = TrainConfig(epochs=1, batch_size=batch, device=device, optimizer="adam", lr=1e-3)
+        d = Distiller(copy.deepcopy(s0), make(), data, teachers=experts, progress=False,
+                      tasks=am.tasks, cfg=cfg)
         d.setup()
         b = next(iter(d.train_dl))
         steps[name] = (lambda d=d, b=b: d.train_step(b))
     times = dict(zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device)))
-    return {"experts": n_experts, "batch": batch, "student": student, **{f"t_{k}": v for k, v in times.items()},
+    return {"experts": n_experts, "batch": batch, "student": student,
+            **{f"t_{k}": v for k, v in times.items()},
             **{f"{k}_vs_ka": v / times["ka"] for k, v in times.items() if k != "ka"}}
 
 # %% ../nbs/13_mec.ipynb #a9eeaed9
 PAPER_RESULTS = {   # MEC paper, top-1 (%)
-    "table1": {"KA": (52.0, 55.1, 53.0, 55.4), "CFL-KA": (55.8, 62.0, 57.8, 64.6), "CFA": (54.7, 59.9, 55.2, 60.4),
-               "DDFA": (61.0, 65.1, 62.0, 65.4), "Co-KA": (65.9, 67.3, 66.4, 67.4), "MEC": (78.1, 77.9, 78.5, 78.6)},
-    "table1_columns": ("CIFAR-100-5/20", "ImageNet-100-5/20", "CIFAR-100-10/10", "ImageNet-100-10/10"),
-    "table2_cifar5": {"KA": (52.3, 54.1, 48.2, 50.7, 54.8), "CFL-KA": (58.0, 55.1, 56.8, 50.7, 58.6),
-                      "Co-KA": (65.3, 65.6, 66.8, 63.7, 68.4), "MEC": (77.1, 80.6, 76.9, 76.5, 79.2)},
-    "table3": {"CIFAR-100": {"MERL": 61.9, "CAL": 75.7, "MERL + CAL": 78.5}, "ImageNet-100": {"MERL": 65.4, "CAL": 75.0, "MERL + CAL": 78.6}},
+    "table1": {"KA": (52.0, 55.1, 53.0, 55.4), "CFL-KA": (55.8, 62.0, 57.8, 64.6),
+               "CFA": (54.7, 59.9, 55.2, 60.4), "DDFA": (61.0, 65.1, 62.0, 65.4),
+               "Co-KA": (65.9, 67.3, 66.4, 67.4), "MEC": (78.1, 77.9, 78.5, 78.6)},
+    "table1_columns": ("CIFAR-100-5/20", "ImageNet-100-5/20", "CIFAR-100-10/10",
+                       "ImageNet-100-10/10"),
+    "table2_cifar5": {"KA": (52.3, 54.1, 48.2, 50.7, 54.8),
+                      "CFL-KA": (58.0, 55.1, 56.8, 50.7, 58.6),
+                      "Co-KA": (65.3, 65.6, 66.8, 63.7, 68.4),
+                      "MEC": (77.1, 80.6, 76.9, 76.5, 79.2)},
+    "table3": {"CIFAR-100": {"MERL": 61.9, "CAL": 75.7, "MERL + CAL": 78.5},
+               "ImageNet-100": {"MERL": 65.4, "CAL": 75.0, "MERL + CAL": 78.6}},
 }
 
 # %% ../nbs/13_mec.ipynb #20894c3c
 def first_experts(am: Amalgamation, # the full setting
                   n: int,           # how many of its experts, from the first
                  ) -> Amalgamation:
-    "The setting of the first `n` experts: the data of their classes only, relabelled 0..K'−1 in class order, and their tasks renumbered."
+    ("The setting of the first `n` experts: the data of their classes only, relabelled 0..K'−1 in "
+     "class order, and their tasks renumbered.")
     check_int("n", n, 1, len(am.tasks))
     keep, d = torch.cat(am.tasks[:n]).sort().values, am.data
     new = torch.full((d.n_classes,), -1, dtype=torch.int64)
     new[keep] = torch.arange(len(keep))
-    sub = ImageDataset(f"{d.name}:first{n}", _relabel(d.train, keep, d.n_classes), _relabel(d.test, keep, d.n_classes),
-                       [d.classes[i] for i in keep.tolist()], d.mean, d.std, d.pad, d.flip, d.source)
+    train, test = _relabel(d.train, keep, d.n_classes), _relabel(d.test, keep, d.n_classes)
+    sub = ImageDataset(f"{d.name}:first{n}", train, test, [d.classes[i] for i in keep.tolist()],
+                       d.mean, d.std, d.pad, d.flip, d.source)
     return Amalgamation(sub, [new[t] for t in am.tasks[:n]])

@@ -118,6 +118,36 @@ def test_mec_with_both_modules_off_is_ka_with_labels():
     torch.testing.assert_close(loss(MEC(merl=False, cal=False, T=1.0, lam2=1.0)), loss(KA(gamma=1.0)))
 
 
+def test_mec_with_both_modules_off_at_its_defaults_is_labels_plus_a_tenth_of_soft_concat_kd():
+    "MEC(merl=False, cal=False) at T = 4, λ2 = 0.1: CE(student, y) + 0.1·T²·CE(softmax(concat/T), softmax(student/T)), "
+    "the experts' logits placed at their classes, written out in float64 loops; not KA with labels (T = 1, weight 1)."
+    ds = load_dataset("digits")
+    am = Amalgamation.split(ds, 2, seed=0)
+    ex = _experts(am)
+    torch.manual_seed(3)
+    d = Distiller(create_model("cnn_small", 10, 1), MEC(merl=False, cal=False), ds, teachers=ex,
+                  cfg=TrainConfig(epochs=1, batch_size=16), progress=False, tasks=am.tasks)
+    d.setup()
+    x, y, _ = next(iter(d.train_dl))
+    s, t = d.student(x), d.bank(x, feats=True)
+    got = float(d.method.loss((x, y), s, t)["loss"].detach())
+    z = s.logits.detach().double()
+    concat = torch.zeros(len(y), 10, dtype=torch.float64)
+    for task, v in zip(am.tasks, t.logits):
+        for j, c in enumerate(task.tolist()): concat[:, c] = v[:, j].double()
+    def soft_ce(i, T):   # −Σ_c softmax(concat/T)[c] · log softmax(z/T)[c]
+        ec, ez = [math.exp(float(concat[i, c]) / T) for c in range(10)], [math.exp(float(z[i, c]) / T) for c in range(10)]
+        return -sum(ec[c] / sum(ec) * math.log(ez[c] / sum(ez)) for c in range(10))
+    total = ka_labels = 0.0
+    for i in range(len(y)):
+        ez = [math.exp(float(z[i, c])) for c in range(10)]
+        ce = -math.log(ez[int(y[i])] / sum(ez))
+        total += (ce + 0.1 * 16 * soft_ce(i, 4.0)) / len(y)
+        ka_labels += (ce + soft_ce(i, 1.0)) / len(y)
+    assert math.isclose(got, total, rel_tol=1e-5)
+    assert abs(got - ka_labels) > 1e-2   # KA with labels is another loss at these settings
+
+
 @pytest.mark.parametrize("kw,msg", [({"delta": float("inf")}, "delta must be a finite number, got inf"),
                                     ({"lam1": -0.5}, "lam1 must be"), ({"hidden": 1.5}, "hidden must be an int >= 0"),
                                     ({"merl": 1}, "merl must be True or False")])
