@@ -22,9 +22,9 @@ from .baselines import check_teacher_index
 from .dist import all_gather_cat
 
 # %% auto #0
-__all__ = ['SIGMAS', 'SPACES', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_permutation_test', 'check_tasks', 'check_expert_outputs',
-           'Amalgamation', 'union_logits', 'Amalgamating', 'KA', 'ResBlock', 'CommonSpace', 'CFL', 'public_mmd',
-           'cfl_speed']
+__all__ = ['SIGMAS', 'SPACES', 'INITS', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_permutation_test', 'check_tasks',
+           'check_expert_outputs', 'Amalgamation', 'union_logits', 'Amalgamating', 'KA', 'ResBlock', 'CommonSpace',
+           'CFL', 'public_mmd', 'cfl_speed']
 
 # %% ../nbs/12_cfl.ipynb #a88818d5
 SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)   # the public code's bandwidths
@@ -178,6 +178,7 @@ class KA(Amalgamating):
 
 # %% ../nbs/12_cfl.ipynb #1d881e3c
 SPACES = ("common", "direct", "random")
+INITS = ("kaiming", "pytorch")   # the common space's initialisation
 
 class ResBlock(nn.Module):
     "conv3×3–ReLU–conv3×3 plus a 1×1 shortcut when the width changes, then ReLU; no BatchNorm (commented out in the public code)."
@@ -189,13 +190,15 @@ class ResBlock(nn.Module):
 
 class CommonSpace(nn.Module):
     "Aligners (1×1 conv + ReLU to 2h) for the student and each expert, a shared 3-block extractor, a decoder per expert."
-    def __init__(self, c_student: int, c_experts, h: int = 128):
+    def __init__(self, c_student: int, c_experts, h: int = 128, init: str = "kaiming"):
         super().__init__()
+        check_choice("init", init, INITS)
         align = lambda c: nn.Sequential(nn.Conv2d(c, 2 * h, 1, bias=False), nn.ReLU())
         self.align_s, self.align_t = align(c_student), nn.ModuleList(align(c) for c in c_experts)
         self.extractor = nn.Sequential(ResBlock(2 * h, h), ResBlock(h, h), ResBlock(h, h))
         self.dec_t = nn.ModuleList(nn.Sequential(nn.Conv2d(h, c, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(c, c, 1, bias=False))
                                    for c in c_experts)
+        if init == "pytorch": return   # PyTorch's default: what the public code runs (it never calls its init_weights)
         for m in self.modules():
             if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
@@ -214,9 +217,11 @@ class CFL(Amalgamating):
     def __init__(self, T: float = 1.0, gamma: float = 0.0,
                  lam: float = 10.0,           # λ, weight of the feature terms (10 in the public code)
                  hidden: int = 128,           # h, channels of the common space (128 in the public code)
-                 space: str = "common"):      # "common"; or the controls "direct" (feature imitation), "random" (frozen space)
+                 space: str = "common",       # "common"; or the controls "direct" (feature imitation), "random" (frozen space)
+                 init: str = "kaiming"):      # the common space's init: "kaiming", or "pytorch" (the public code's, in effect)
         super().__init__(T, gamma)
         self.lam, self.space = check_nonneg("lam", lam), check_choice("space", space, SPACES)
+        self.init = check_choice("init", init, INITS)
         self.hidden = check_int("hidden", hidden, 1)
 
     def setup(self, student, bank, batch):
@@ -226,7 +231,7 @@ class CFL(Amalgamating):
         self._size = tuple(fs.shape[-2:])
         if self.space == "direct": self.imitate = nn.ModuleList(nn.Conv2d(fs.shape[1], f.shape[1], 1) for f in fts)
         else:
-            self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], self.hidden)
+            self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], self.hidden, self.init)
             if self.space == "random":
                 for mod in (self.common.align_s, self.common.align_t, self.common.extractor): mod.requires_grad_(False)
 
