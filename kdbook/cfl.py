@@ -22,16 +22,17 @@ from .baselines import check_teacher_index
 from .dist import all_gather_cat
 
 # %% auto #0
-__all__ = ['SIGMAS', 'SPACES', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_permutation_test', 'check_tasks', 'check_expert_outputs',
-           'Amalgamation', 'union_logits', 'Amalgamating', 'KA', 'ResBlock', 'CommonSpace', 'CFL', 'public_mmd',
-           'cfl_speed']
+__all__ = ['SIGMAS', 'SPACES', 'INITS', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_permutation_test', 'check_tasks',
+           'check_expert_outputs', 'Amalgamation', 'union_logits', 'Amalgamating', 'KA', 'ResBlock', 'CommonSpace',
+           'CFL', 'public_mmd', 'cfl_speed']
 
 # %% ../nbs/12_cfl.ipynb #a88818d5
 SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)   # the public code's bandwidths
 
 def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    "Squared Euclidean distances `[..., n, m]` as ‖a‖² + ‖b‖² − 2a·b (one matrix product), clamped at 0."
-    return (x.pow(2).sum(-1, keepdim=True) + y.pow(2).sum(-1).unsqueeze(-2) - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
+    "Squared Euclidean distances `[..., n, m]` as ‖a‖² + ‖b‖² − 2a·b (one matrix product), ≥ 0."
+    xx, yy = x.pow(2).sum(-1, keepdim=True), y.pow(2).sum(-1).unsqueeze(-2)
+    return (xx + yy - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
 
 def rbf_sum(d2: Tensor, sigmas=SIGMAS) -> Tensor:
     "Σ_σ exp(−d²/(2σ²)) over the bandwidths, elementwise: all kernels in one broadcast."
@@ -41,14 +42,16 @@ def rbf_sum(d2: Tensor, sigmas=SIGMAS) -> Tensor:
 def mmd(x: Tensor,                # samples `[n, d]` (or `[..., n, d]`: a batch of problems)
         y: Tensor,                # samples `[m, d]`
         sigmas=SIGMAS,            # RBF bandwidths, summed
-        unbiased: bool = False,   # the U-statistic (diagonals of xx and yy left out) instead of the V-statistic
+        unbiased: bool = False,   # the U-statistic (no diagonals of xx, yy), not the V-statistic
        ) -> Tensor:
-    "MMD² between the samples `x` and `y`: the biased estimate (≥ 0) by default, summed over the RBF kernels."
+    "MMD² between samples `x` and `y`: the biased estimate (≥ 0) by default, summed over kernels."
     x, y = upcast(x), upcast(y)
     n, m = x.shape[-2], y.shape[-2]
-    kxx, kyy, kxy = rbf_sum(_sq_dists(x, x), sigmas), rbf_sum(_sq_dists(y, y), sigmas), rbf_sum(_sq_dists(x, y), sigmas)
+    kxx, kyy, kxy = (rbf_sum(_sq_dists(a, b), sigmas) for a, b in ((x, x), (y, y), (x, y)))
     if not unbiased: return kxx.mean((-1, -2)) + kyy.mean((-1, -2)) - 2 * kxy.mean((-1, -2))
-    if n < 2 or m < 2: raise ValueError(f"the unbiased estimate needs at least 2 samples on each side, got n={n}, m={m}")
+    if n < 2 or m < 2:
+        raise ValueError("the unbiased estimate needs at least 2 samples on each side, "
+                         f"got n={n}, m={m}")
     off = lambda k, n: (k.sum((-1, -2)) - k.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
     return off(kxx, n) + off(kyy, m) - 2 * kxy.mean((-1, -2))
 
@@ -178,69 +181,84 @@ class KA(Amalgamating):
 
 # %% ../nbs/12_cfl.ipynb #1d881e3c
 SPACES = ("common", "direct", "random")
+INITS = ("kaiming", "pytorch")   # the common space's initialisation
 
 class ResBlock(nn.Module):
-    "conv3×3–ReLU–conv3×3 plus a 1×1 shortcut when the width changes, then ReLU; no BatchNorm (commented out in the public code)."
+    "conv3×3–ReLU–conv3×3, plus a 1×1 shortcut when the width changes, then ReLU; no BatchNorm."
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.short = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
     def forward(self, x): return F.relu(self.conv2(F.relu(self.conv1(x))) + self.short(x))
 
 class CommonSpace(nn.Module):
-    "Aligners (1×1 conv + ReLU to 2h) for the student and each expert, a shared 3-block extractor, a decoder per expert."
-    def __init__(self, c_student: int, c_experts, h: int = 128):
+    "Aligners (1×1 conv + ReLU to 2h), a shared 3-block extractor, a decoder per expert."
+    def __init__(self, c_student: int, c_experts, h: int = 128, init: str = "kaiming"):
         super().__init__()
+        check_choice("init", init, INITS)
         align = lambda c: nn.Sequential(nn.Conv2d(c, 2 * h, 1, bias=False), nn.ReLU())
         self.align_s, self.align_t = align(c_student), nn.ModuleList(align(c) for c in c_experts)
         self.extractor = nn.Sequential(ResBlock(2 * h, h), ResBlock(h, h), ResBlock(h, h))
-        self.dec_t = nn.ModuleList(nn.Sequential(nn.Conv2d(h, c, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(c, c, 1, bias=False))
-                                   for c in c_experts)
+        decoder = lambda c: nn.Sequential(nn.Conv2d(h, c, 3, padding=1, bias=False), nn.ReLU(),
+                                          nn.Conv2d(c, c, 1, bias=False))
+        self.dec_t = nn.ModuleList(decoder(c) for c in c_experts)
+        if init == "pytorch": return   # PyTorch's default (the public code never calls its own)
         for m in self.modules():
             if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, fs: Tensor, fts: list) -> tuple:
-        "Common features of the student `[B, h, H, W]` and of each expert, and each expert's reconstruction."
+        "Common features of the student `[B, h, H, W]` and of each expert; their reconstructions."
         hs = self.extractor(self.align_s(fs))
         hts = [self.extractor(a(f)) for a, f in zip(self.align_t, fts)]
         return hs, hts, [d(h) for d, h in zip(self.dec_t, hts)]
 
 @register_method
 class CFL(Amalgamating):
-    "CFL (Luo et al., IJCAI 2019): KA plus λ·(Σ MMD² to each expert in a common feature space + Σ reconstruction MSE); label-free."
+    "CFL (Luo et al., IJCAI 2019): KA + λ·(Σ MMD² to experts in a common space + Σ recon. MSE)."
     name = "cfl"
     paper = "Luo et al., IJCAI 2019: knowledge amalgamation by common feature learning"
     teacher_feats = True
     def __init__(self, T: float = 1.0, gamma: float = 0.0,
-                 lam: float = 10.0,           # λ, weight of the feature terms (10 in the public code)
-                 hidden: int = 128,           # h, channels of the common space (128 in the public code)
-                 space: str = "common"):      # "common"; or the controls "direct" (feature imitation), "random" (frozen space)
+                 lam: float = 10.0,        # λ, weight of the feature terms (10 in the public code)
+                 hidden: int = 128,        # h, channels of the common space (128 there)
+                 space: str = "common",    # "common"; controls: "direct" (imitation), "random"
+                 init: str = "kaiming"):   # the common space's init: "kaiming" or "pytorch"
         super().__init__(T, gamma)
         self.lam, self.space = check_nonneg("lam", lam), check_choice("space", space, SPACES)
+        self.init = check_choice("init", init, INITS)
         self.hidden = check_int("hidden", hidden, 1)
 
     def setup(self, student, bank, batch):
         x = batch[0]
         fs, fts = student(x).feats[-1], [f[-1] for f in bank(x, feats=True).feats]
-        if fs.dim() != 4: raise ValueError("CFL aligns feature maps: the student's last feature is not a [B, C, H, W] map")
+        if fs.dim() != 4:
+            raise ValueError("CFL aligns feature maps: the student's last feature is not a map "
+                             f"[B, C, H, W], its shape is {tuple(fs.shape)}")
         self._size = tuple(fs.shape[-2:])
-        if self.space == "direct": self.imitate = nn.ModuleList(nn.Conv2d(fs.shape[1], f.shape[1], 1) for f in fts)
+        if self.space == "direct":
+            self.imitate = nn.ModuleList(nn.Conv2d(fs.shape[1], f.shape[1], 1) for f in fts)
         else:
-            self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], self.hidden)
+            widths = [f.shape[1] for f in fts]
+            self.common = CommonSpace(fs.shape[1], widths, self.hidden, self.init)
             if self.space == "random":
-                for mod in (self.common.align_s, self.common.align_t, self.common.extractor): mod.requires_grad_(False)
+                for mod in (self.common.align_s, self.common.align_t, self.common.extractor):
+                    mod.requires_grad_(False)
 
     def _resized(self, fts) -> list:
-        return [upcast(f) if tuple(f.shape[-2:]) == self._size else F.adaptive_avg_pool2d(upcast(f), self._size) for f in fts]
+        pool = lambda f: F.adaptive_avg_pool2d(f, self._size)
+        return [upcast(f) if tuple(f.shape[-2:]) == self._size else pool(upcast(f)) for f in fts]
 
     def feature_loss(self, s: ModelOut, t) -> Tensor:
         fs, fts = s.feats[-1], self._resized([f[-1] for f in t.feats])
-        if self.space == "direct": return sum(F.mse_loss(upcast(c(fs)), f) for c, f in zip(self.imitate, fts))
+        if self.space == "direct":
+            return sum(F.mse_loss(upcast(c(fs)), f) for c, f in zip(self.imitate, fts))
         hs, hts, recs = self.common(fs, fts)
         flat = lambda h: F.normalize(upcast(h).flatten(1), dim=1)
-        hs_, ht_ = flat(hs), torch.stack([flat(h) for h in hts])                       # [B, D], [N, B, D]
-        hs_, ht_ = all_gather_cat(hs_, 0), all_gather_cat(ht_, 1)   # under DDP: every rank's samples, differentiably (chapter 06)
-        mmds = mmd(hs_.expand_as(ht_), ht_)                                              # all experts, all kernels, one call
+        hs_, ht_ = flat(hs), torch.stack([flat(h) for h in hts])     # [B, D], [N, B, D]
+        # under DDP: every rank's samples, differentiably (chapter 06)
+        hs_, ht_ = all_gather_cat(hs_, 0), all_gather_cat(ht_, 1)
+        mmds = mmd(hs_.expand_as(ht_), ht_)         # all experts, all kernels, one call
         return mmds.sum() + sum(F.mse_loss(upcast(r), f) for r, f in zip(recs, fts))
 
     def loss(self, batch, s, t):

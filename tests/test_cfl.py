@@ -135,3 +135,66 @@ def test_cfl_feature_loss_and_loss_match_their_formulas(space, float64):
     soft = float(-(q * torch.log(p2)).sum(1).mean()) * 4.0
     ce = float(-torch.log(p1)[torch.arange(12), y].mean())
     assert math.isclose(float(out["loss"]), soft + 0.5 * ce + 3.0 * feat, rel_tol=1e-10)
+
+
+def test_common_space_is_its_convolutions_composed_by_hand(float64):
+    "The common space's forward against F.conv2d written out with its own weights (C1): aligner 1×1 conv + ReLU,"
+    " three residual blocks (a 1×1 shortcut only where the width changes), a 3×3–ReLU–1×1 decoder per expert."
+    from kdbook.cfl import CommonSpace
+    torch.manual_seed(0)
+    cs = CommonSpace(5, [3, 6], h=4)
+    fs, fts = torch.randn(2, 5, 4, 4), [torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)]
+    conv = lambda x, m, pad: F.conv2d(x, m.weight, padding=pad)
+    def block(x, b):
+        short = conv(x, b.short, 0) if isinstance(b.short, torch.nn.Conv2d) else x
+        return F.relu(conv(F.relu(conv(x, b.conv1, 1)), b.conv2, 1) + short)
+    def extract(x):
+        for b in cs.extractor: x = block(x, b)
+        return x
+    hs = extract(F.relu(conv(fs, cs.align_s[0], 0)))
+    hts = [extract(F.relu(conv(f, a[0], 0))) for f, a in zip(fts, cs.align_t)]
+    recs = [conv(F.relu(conv(h, d[0], 1)), d[2], 0) for h, d in zip(hts, cs.dec_t)]
+    got = cs(fs, fts)
+    torch.testing.assert_close(got[0], hs)
+    for a, b in zip(got[1] + got[2], hts + recs): torch.testing.assert_close(a, b)
+    assert isinstance(cs.extractor[0].short, torch.nn.Conv2d) and not isinstance(cs.extractor[1].short, torch.nn.Conv2d)
+
+
+def test_feature_loss_terms_each_count(float64):
+    "On the setting of the formula test, each term of (C2) (the MMD² and the reconstruction MSE of each expert) is"
+    " at least 1e-4 of the feature loss, so the 1e-10 tolerance there fails when any one of them is left out; and"
+    " the feature term reaches the loss multiplied by λ."
+    torch.manual_seed(0)
+    tasks = [torch.tensor([0, 2, 5, 7]), torch.tensor([1, 3, 4, 6, 8, 9])]
+    student = create_model("cnn_tiny", 10, 1)
+    bank = TeacherBank([create_model(a, len(t), 1) for a, t in zip(("cnn_small", "vgg8"), tasks)])
+    x = torch.randn(12, 1, 16, 16)
+    method = CFL(hidden=8)
+    method.setup(student, bank, (x, None, None))
+    with torch.no_grad():
+        s, t = student(x), bank(x, feats=True)
+        fts = method._resized([f[-1] for f in t.feats])
+        hs, hts, recs = method.common(s.feats[-1], fts)
+        unit = lambda h: h.flatten(1) / h.flatten(1).norm(dim=1, keepdim=True)
+        terms = [_mmd_by_hand(unit(hs), unit(h)) for h in hts] + [float((r - f).pow(2).mean()) for r, f in zip(recs, fts)]
+        total = float(method.feature_loss(s, t))
+    assert math.isclose(total, sum(terms), rel_tol=1e-10)
+    assert min(terms) > 1e-4 * total, terms
+
+
+def test_init_choices_and_the_dead_bandwidths(float64):
+    "init='pytorch' keeps PyTorch's default (|w| ≤ 1/√fan_in), 'kaiming' draws N(0, 2/fan_in); a bad init is refused."
+    " On unit rows of rectified Gaussians (2,048 entries) the gradient of the σ ≤ 0.2 kernels is < 1e-5 of σ = 1's."
+    from kdbook.cfl import CommonSpace
+    for init in ("pytorch", "kaiming"):
+        torch.manual_seed(0)
+        w = CommonSpace(64, [64], h=32, init=init).dec_t[0][0].weight.detach()     # 3×3 conv, fan_in 288
+        fan_in = w[0].numel()
+        if init == "pytorch": assert float(w.abs().max()) <= 1 / math.sqrt(fan_in)
+        else: assert abs(float(w.std()) / math.sqrt(2 / fan_in) - 1) < 0.02
+    with pytest.raises(ValueError, match="init must be one of 'kaiming', 'pytorch', got 'xavier'"): CFL(init="xavier")
+    g = torch.Generator().manual_seed(0)
+    a, b = (F.normalize(F.relu(torch.randn(32, 2048, generator=g)), dim=1) for _ in range(2))
+    a.requires_grad_()
+    norm = {s: float(torch.autograd.grad(mmd(a, b, (s,)), a)[0].norm()) for s in SIGMAS}
+    assert all(norm[s] < 1e-5 * norm[1.0] for s in SIGMAS if s <= 0.2) and norm[2.0] > 0.1 * norm[1.0], norm
