@@ -173,25 +173,29 @@ def _feasible(a: np.ndarray, C: float, tol: float = 1e-9) -> bool:
 def scipy_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`
                    C: float, # the cap, in [1/M, 1]
                   ) -> np.ndarray: # weights `[M]` on the capped simplex
-    "Reference oracle (checks only; needs scipy): SLSQP with tight tolerances; trust-constr where SLSQP's point is infeasible (it happens with C near 1/M)."
+    """Reference oracle (checks only; needs scipy): SLSQP with tight tolerances; trust-constr where
+    SLSQP's point is infeasible (it happens with C near 1/M)."""
     from scipy.optimize import Bounds, LinearConstraint, minimize
     M = len(G)
     f, jac = (lambda a: 0.5 * a @ G @ a), (lambda a: G @ a)
     r = minimize(f, np.full(M, 1 / M), jac=jac, bounds=[(0, C)] * M, method="SLSQP",
-                 constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1, "jac": lambda a: np.ones(M)}],
+                 constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1,
+                               "jac": lambda a: np.ones(M)}],
                  options=dict(ftol=1e-16, maxiter=2000))
     if not _feasible(r.x, C):
         r = minimize(f, np.full(M, 1 / M), jac=jac, hess=lambda a: G, method="trust-constr",
                      constraints=[LinearConstraint(np.ones((1, M)), 1, 1)], bounds=Bounds(0, C),
                      options=dict(gtol=1e-14, xtol=1e-14, maxiter=5000))
-    if not _feasible(r.x, C): raise RuntimeError(f"no scipy method returned a feasible point (M={M}, C={C})")
+    if not _feasible(r.x, C):
+        raise RuntimeError(f"no scipy method returned a feasible point (M={M}, C={C})")
     return r.x
 
 # %% ../nbs/10_aekd.ipynb #55561c11
 def brute_force_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, so M ≤ 6 or so
                          C: float, # the cap, in [1/M, 1]
                         ) -> np.ndarray: # the best weights `[M]`
-    "Reference oracle (checks only): enumerate the faces (each coordinate at 0, at C, or free); the best feasible KKT point."
+    """Reference oracle (checks only): enumerate the faces (each coordinate at 0, at C, or free);
+    the best feasible KKT point."""
     M = len(G); best, best_a = np.inf, None
     for lab in itertools.product((0, 1, 2), repeat=M):
         lab = np.array(lab); free = lab == 2
@@ -199,7 +203,8 @@ def brute_force_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, s
         if nf == 0:
             if abs(a.sum() - 1) > 1e-9: continue
         else:
-            A = np.zeros((nf + 1, nf + 1)); A[:nf, :nf] = G[np.ix_(free, free)]; A[:nf, nf] = -1; A[nf, :nf] = 1
+            A = np.zeros((nf + 1, nf + 1)); A[:nf, :nf] = G[np.ix_(free, free)]
+            A[:nf, nf] = -1; A[nf, :nf] = 1
             rhs = np.concatenate([-G[np.ix_(free, ~free)] @ a[~free], [1 - a.sum()]])
             sol = np.linalg.lstsq(A, rhs, rcond=None)[0]
             if np.abs(A @ sol - rhs).max() > 1e-8: continue
@@ -212,16 +217,18 @@ def brute_force_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, s
 def capped_simplex_linear_min(v: np.ndarray, # a vector `[M]`
                               C: float, # the cap
                              ) -> float:
-    "min of vᵀβ over the capped simplex: weight C on the smallest entries of v in turn, until the weights sum to 1."
+    "min of vᵀβ over the capped simplex: weight C on the smallest entries of v in turn, up to a sum of 1."
     return float(np.clip(1 - C * np.arange(len(v)), 0, C) @ np.sort(v))
 
 def rank_one_min_norm(c: np.ndarray, C: float) -> float:
-    "Reference value (checks only): min of ½(cᵀα)² over the capped simplex in closed form: 0 if cᵀα takes both signs there, else ½(the value of cᵀα nearest 0)²."
+    """Reference value (checks only): min of ½(cᵀα)² over the capped simplex in closed form:
+    0 if cᵀα takes both signs there, else ½(the value of cᵀα nearest 0)²."""
     lo, hi = capped_simplex_linear_min(c, C), -capped_simplex_linear_min(-c, C)
     return 0.0 if lo <= 0 <= hi else 0.5 * min(lo * lo, hi * hi)
 
 def min_norm_gap_bound(G: np.ndarray, a: np.ndarray, C: float) -> float:
-    "A certified upper bound on f(α) minus the optimum, f(α) = ½αᵀGα on the capped simplex: min(gᵀα - min_β gᵀβ, f(α)), g = Gα (convexity; the optimum is ≥ 0)."
+    """A certified upper bound on f(α) minus the optimum, f(α) = ½αᵀGα on the capped simplex:
+    min(gᵀα - min_β gᵀβ, f(α)), g = Gα (convexity; the optimum is ≥ 0)."""
     g = G @ a
     return min(g @ a - capped_simplex_linear_min(g, C), 0.5 * a @ G @ a)
 
@@ -229,7 +236,8 @@ def min_norm_gap_bound(G: np.ndarray, a: np.ndarray, C: float) -> float:
 def ocsvm_weights(G: Tensor, # one Gram matrix `[M, M]`
                   C: float, # the cap, in [1/M, 1]
                  ) -> Tensor: # weights `[M]` (float64, CPU)
-    "The public code's solver: scikit-learn's ν-one-class SVM on the precomputed Gram, ν = 1/(C·M), rescaled to the capped simplex."
+    """The public code's solver: scikit-learn's ν-one-class SVM on the precomputed Gram,
+    ν = 1/(C·M), rescaled to the capped simplex."""
     from sklearn.svm import OneClassSVM
     M = G.shape[-1]
     nu = min(max(1 / (_check_cap(C, M) * M), 1 / M), 1.0)
@@ -278,9 +286,11 @@ def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
 def feature_grads(hint_losses: Tensor, # per-teacher hint losses `[M]`, functions of `feature`
                   feature: Tensor, # the shared student feature map `[B, ...]`
                  ) -> Tensor: # gradients `[M, B, ...]`
-    "All $M$ gradients $\\partial H_m/\\partial F_s$ in one batched backward pass (the graph is kept for the loss)."
+    """All $M$ gradients $\\partial H_m/\\partial F_s$ in one batched backward pass (the graph is
+    kept for the loss)."""
     eye = torch.eye(len(hint_losses), dtype=hint_losses.dtype, device=hint_losses.device)
-    (grads,) = torch.autograd.grad(hint_losses, feature, eye, is_grads_batched=True, retain_graph=True)
+    (grads,) = torch.autograd.grad(hint_losses, feature, eye, is_grads_batched=True,
+                                   retain_graph=True)
     return grads
 
 # %% ../nbs/10_aekd.ipynb #f9e33903
@@ -315,26 +325,29 @@ def hint_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]` with respe
 # %% ../nbs/10_aekd.ipynb #2bf4fa51
 @register_method
 class AEKD(MultiTeacherKD):
-    "AE-KD (Du et al. 2020): teacher weights = min-norm point of the logit gradients on the capped simplex {Σα = 1, 0 ≤ α ≤ C}."
+    """AE-KD (Du et al. 2020): teacher weights = min-norm point of the logit gradients on the
+    capped simplex {Σα = 1, 0 ≤ α ≤ C}."""
     name = "aekd"
     paper = "Du et al., NeurIPS 2020: agree to disagree (AE-KD)"
     chapter = "aekd"
 
     def __init__(self, T: float = 4.0,          # temperature T of the KD terms (the paper's 4)
                  gamma: float = 1.0,            # γ, weight of the cross-entropy with the labels
-                 alpha: float = 0.9,            # λ of Eq. 7, the weight of the KD term (the paper's 0.9; not a teacher weight)
+                 alpha: float = 0.9,            # λ of Eq. 7, the KD term's weight (no teacher's)
                  beta: float = 0.0,             # β, weight of the hint term (AE-KD* only)
-                 C: float = 0.6,                # C, cap on each teacher weight, in [1/M, 1] (the code's 0.6)
-                 gram: str = "sum"):            # "sum" (Eq. 13), "mean" (the public code) or "sample" (one QP per sample)
+                 C: float = 0.6,                # C, cap on each teacher weight, in [1/M, 1]
+                 gram: str = "sum"):            # "sum" (Eq. 13), "mean" (the code), "sample"
         super().__init__(T, gamma, alpha, beta)
-        if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) or not 0 < C <= 1:
-            raise ValueError(f"C must be a number in (0, 1] (and at least 1/M for M teachers), got {C!r}")
+        if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) \
+                or not 0 < C <= 1:
+            raise ValueError(f"C must be a number in (0, 1] (and at least 1/M for M teachers), "
+                             f"got {C!r}")
         check_choice("gram", gram, GRAMS)
         self.C, self.gram = float(C), gram
         self._checked_M, self._buf, self._n = None, None, 0
 
     def _check_M(self, M: int):
-        "Check C against the number of teachers `M`, once per M; a new M starts a new weight history."
+        "Check C against the number of teachers `M`, once per M; a new M starts a new history."
         if M != self._checked_M:
             self.C = _check_cap(self.C, M)
             self._checked_M, self._buf, self._n = M, None, 0
@@ -390,18 +403,19 @@ def loss(self: AEKD, batch, s, t):
 # %% ../nbs/10_aekd.ipynb #88553446
 @register_method
 class AEKDFeat(AEKD):
-    "AE-KD* : AE-KD plus β·Σ α'_m H_m, FitNets hints through per-teacher regressors, weighted by Eq. 16's QP (or the code's)."
+    """AE-KD* : AE-KD plus β·Σ α'_m H_m, FitNets hints through per-teacher regressors, weighted by
+    Eq. 16's QP (or the code's)."""
     name = "aekd_feat"
     paper = "Du et al., NeurIPS 2020: AE-KD with feature hints (AE-KD*)"
     chapter = "aekd"
     teacher_feats = True
-    sync_bn_ok = False   # the hint gradients are batched (is_grads_batched) through the regressors (chapter 06)
+    sync_bn_ok = False   # hint gradients are batched (is_grads_batched) through the regressors
 
     def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 0.9,
-                 beta: float = 100.0,           # β, weight of the hint term (README: 100; code default: 0)
+                 beta: float = 100.0,           # β, the hint term's weight (README: 100; code: 0)
                  C: float = 0.6, gram: str = "sum",
-                 hint_form: str = "paper",      # "paper" (Eq. 16 on the whole gradients) or "code" (normalise and rescale)
-                 layer: int = -1):              # which student/teacher feature map carries the hints
+                 hint_form: str = "paper",      # "paper" (Eq. 16) or "code" (normalise, rescale)
+                 layer: int = -1):              # the feature map that carries the hints
         super().__init__(T, gamma, alpha, beta, C, gram)
         check_choice("hint_form", hint_form, HINT_FORMS)
         self.hint_form, self.layer = hint_form, layer
@@ -413,10 +427,12 @@ class AEKDFeat(AEKD):
 
     def feature_loss(self, s, t, y):
         fs = s.feats[self.layer]
-        H = torch.stack([F.mse_loss(upcast(r(fs)), upcast(ft[self.layer])) for r, ft in zip(self.regressors, t.feats)])
-        w = hint_weights(feature_grads(H, fs), self.C, self.hint_form, check=False, sync=current().active).to(H.dtype)
-        self.last_feat_weights = w.detach()
-        return (w * H).sum()
+        H = torch.stack([F.mse_loss(upcast(r(fs)), upcast(ft[self.layer]))
+                         for r, ft in zip(self.regressors, t.feats)])
+        w = hint_weights(feature_grads(H, fs), self.C, self.hint_form, check=False,
+                         sync=current().active)
+        self.last_feat_weights = w.detach().to(H.dtype)
+        return (w.to(H.dtype) * H).sum()
 
 # %% ../nbs/10_aekd.ipynb #342a457c
 def capped_simplex_vertices(C: float) -> list:

@@ -20,8 +20,8 @@ from .models import ModelOut, create_model
 # %% auto #0
 __all__ = ['resolve_layer', 'check_target', 'layer_output_shape', 'grad_cam', 'grad_cam_loop', 'integrated_gradients',
            'has_feature_maps', 'attribution_map', 'explain_maps', 'average_ranks', 'spearman', 'top_mask', 'top_iou',
-           'map_agreement', 'agreement_table', 'KeepStudents', 'method_bars', 'study_curves', 'curves_figure',
-           'map_grid', 'agreement_widget', 'gradcam_speed']
+           'top_set_short', 'map_agreement', 'agreement_table', 'KeepStudents', 'method_bars', 'study_curves',
+           'curves_figure', 'map_grid', 'agreement_widget', 'gradcam_speed']
 
 # %% ../nbs/05_explain.ipynb #da53b85b
 class _Logits(nn.Module):
@@ -205,17 +205,27 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 # %% ../nbs/05_explain.ipynb #b87f2820
 def top_mask(a: Tensor, top: float) -> Tensor:
-    "The `top` fraction of the pixels of each map `[B, ...]` with the largest values, as a bool mask (ties go to the earlier pixel)."
+    """The `top` fraction of the pixels of each map `[B, ...]` with the largest values, as a bool mask: the pixels
+    strictly above the (k+1)-th largest value. Pixels tied across the boundary are all left out, never picked by
+    position, so a map with fewer than k pixels above its floor (Grad-CAM's ReLU zeros) keeps only those, and a
+    constant map keeps none. `top=1` keeps every pixel."""
     flat = a.flatten(1)
     k = max(1, round(_check_top(top) * flat.shape[1]))
-    order = flat.sort(dim=-1, descending=True, stable=True).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order[:, :k], True).view(a.shape)
+    if k == flat.shape[1]: return torch.ones_like(a, dtype=torch.bool)
+    first_out = flat.topk(k + 1, dim=-1).values[:, -1:]   # the largest value outside a top-k set
+    return (flat > first_out).view(a.shape)
 
 def top_iou(a: Tensor, b: Tensor, top: float = 0.1) -> Tensor:
-    "Intersection over union of the `top` fractions of two maps, per image `[B]`."
+    "Intersection over union of the `top` sets of two maps (`top_mask`), per image `[B]`; NaN where either set is empty."
     if a.shape != b.shape: raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     ma, mb = top_mask(a, top).flatten(1), top_mask(b, top).flatten(1)
-    return (ma & mb).sum(-1) / (ma | mb).sum(-1)
+    iou = (ma & mb).sum(-1) / (ma | mb).sum(-1).clamp_min(1)
+    return iou.masked_fill(~ma.any(-1) | ~mb.any(-1), float("nan"))
+
+def top_set_short(a: Tensor, top: float = 0.1) -> Tensor:
+    "Per map `[B]`: True where ties at the boundary leave its top set with fewer than the `top` fraction's k pixels."
+    flat = a.flatten(1)
+    return top_mask(a, top).flatten(1).sum(-1) < max(1, round(_check_top(top) * flat.shape[1]))
 
 def _check_top(top) -> float:
     if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
@@ -280,7 +290,7 @@ def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method,
                 height: int = 360,
                 widget: bool = False, # return a live `FigureWidget`
                ):
-    "Bars of each method's mean with its std over seeds as error bars, and the paper's number as a diamond where given."
+    "Bars of each method's mean ± std over seeds, the paper's number as a diamond; a y-axis that does not start at 0 says so."
     import plotly.graph_objects as go
     rows, paper = [r for r in rows if r.get("mean") is not None], dict(paper or {})
     names = [_display_name(r["method"]) for r in rows]
@@ -291,11 +301,11 @@ def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method,
         fig.add_scatter(x=[m for m, _ in marks], y=[v for _, v in marks], mode="markers", name="paper",
                         marker=dict(symbol="diamond", size=12, color="black"))
     vals = [r["mean"] - (r["std"] or 0) for r in rows] + [r["mean"] + (r["std"] or 0) for r in rows] + [v for _, v in marks]
-    if vals:   # zoomed to the bars' tops: a broken axis, said in its title, so that the gaps are not read as ratios
+    if vals:
         lo, hi = min(vals), max(vals)
         pad = 0.2 * (hi - lo) + 0.01 * max(abs(hi), abs(lo))   # in the values' own scale (a ρ, a percentage)
-        if lo - pad > 0: yaxis_title += f" (axis from {lo - pad:.1f}, not 0)"
         fig.update_yaxes(range=[max(lo - pad, 0), hi + pad])
+        if lo - pad > 0: yaxis_title = f"{yaxis_title}; the axis starts at {lo - pad:.3g}, not 0"   # the cut, marked
     ns = sorted({r.get("n") for r in rows if r.get("n") is not None})
     seeds = "one seed" if ns == [1] else f"mean ± std over {'/'.join(map(str, ns))} seeds" if ns else "mean ± std over seeds"
     fig.update_layout(title=title or f"Student top-1 ({seeds})", yaxis_title=yaxis_title, height=height,

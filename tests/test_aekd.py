@@ -122,6 +122,19 @@ def test_public_solver_agrees():
         torch.testing.assert_close(ocsvm_weights(G, C), capped_simplex_min_norm(G, C), atol=1e-3, rtol=0)
 
 
+def test_public_solver_is_inexact_on_the_codes_scale():
+    "Gram entries near libsvm's tolerance (1e-6): at M = 3 libsvm returns its start (C, 1 - C, 0); times 1e6, the optimum."
+    g = torch.Generator().manual_seed(11)
+    for M in (3, 5):
+        grads = 1e-3 * (torch.randn(M, 100, generator=g, dtype=torch.float64) + 0.5)
+        G = grads @ grads.T / 100                                          # entries about 1e-6, as the code's Gram
+        exact = torch.from_numpy(brute_force_min_norm(G.numpy(), 0.6))
+        libsvm = ocsvm_weights(G, 0.6)
+        if M == 3: torch.testing.assert_close(libsvm, torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64), atol=1e-9, rtol=0)
+        assert float(libsvm @ G @ libsvm) > 1.05 * float(exact @ G @ exact)   # more than 5% above the optimum
+        torch.testing.assert_close(ocsvm_weights(1e6 * G, 0.6), exact, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("C,msg", [(0.2, "C must be in [1/M, 1] = [0.333333, 1] for M=3 teachers, got C=0.2"),
                                    (1.5, "got C=1.5"), (float("nan"), "got C=nan")])
 def test_bad_cap(C, msg):

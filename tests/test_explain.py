@@ -10,7 +10,8 @@ from scipy.stats import spearmanr
 
 from kdbook.explain import (KeepStudents, agreement_table, agreement_widget, attribution_map, average_ranks, curves_figure,
                             explain_maps, grad_cam, grad_cam_loop, gradcam_speed, integrated_gradients, map_agreement,
-                            map_grid, method_bars, spearman, study_curves, top_iou)
+                            map_grid, method_bars, spearman, study_curves, top_iou, top_mask,
+                            top_set_short)
 from kdbook.models import create_model, randomize_bn
 
 
@@ -123,6 +124,43 @@ def test_average_ranks_and_iou():
     assert rows[0]["spearman_n"] == 5
 
 
+def _top_set_by_hand(values: list, top: float) -> set:
+    "The pixels strictly above the (k+1)-th largest value, k = round(top * n) (at least 1); all pixels when k = n."
+    n = len(values)
+    k = max(1, round(top * n))
+    if k == n: return set(range(n))
+    first_out = sorted(values, reverse=True)[k]
+    return {i for i, v in enumerate(values) if v > first_out}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.05, 0.1, 0.2, 0.5, 1.0]), st.integers(0, 12))
+def test_top_sets_and_iou_against_brute_force(seed, top, n_pos):
+    "Maps with `n_pos` positive pixels (ReLU zeros elsewhere, a few of them tied), against sets built by hand."
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.zeros(2, 36, dtype=torch.float64)
+    for j in range(2):
+        where = torch.randperm(36, generator=g)[:n_pos]
+        maps[j, where] = torch.randint(1, 4, (n_pos,), generator=g).double()   # ties among the positive pixels too
+    a, b = maps.view(2, 1, 6, 6)[0], maps.view(2, 1, 6, 6)[1]
+    sa, sb = _top_set_by_hand(maps[0].tolist(), top), _top_set_by_hand(maps[1].tolist(), top)
+    assert set(top_mask(a, top).flatten().nonzero()[:, 0].tolist()) == sa
+    iou = float(top_iou(a, b, top)[0])
+    if sa and sb: assert iou == pytest.approx(len(sa & sb) / len(sa | sb), abs=1e-6)   # float32 division
+    else: assert np.isnan(iou)
+    k = max(1, round(top * 36))
+    assert bool(top_set_short(a, top)[0]) == (len(sa) < k)
+
+
+def test_top_iou_ignores_shared_zeros():
+    "Two maps with 2 positive pixels each, nowhere in common: their top-10% sets share nothing (by index: 3 zeros)."
+    a, b = torch.zeros(1, 7, 7), torch.zeros(1, 7, 7)
+    a[0, 6, :2], b[0, 5, :2] = 1.0, 2.0
+    assert float(top_iou(a, b, 0.1)[0]) == 0.0 and int(top_mask(a, 0.1).sum()) == 2
+    rows = agreement_table(torch.cat([a, a]), {"t": torch.cat([b, torch.ones(1, 7, 7)])})
+    assert rows[0]["iou_n"] == 1 and rows[0]["iou_mean"] == 0.0    # the constant map's NaN is left out
+
+
 def test_explain_maps_and_keep_students():
     from kdbook.data import load_dataset
     from kdbook.learner import Method, TrainConfig
@@ -147,6 +185,7 @@ def test_figures():
     fig = method_bars(rows, paper={"aekd": 93.0, "ce": 89.0})
     assert list(fig.data[0].x) == ["student", "aekd"] and list(fig.data[1].y) == [93.0, 89.0]
     assert fig.layout.yaxis.range[0] < 89 and fig.layout.yaxis.range[1] > 93
+    assert fig.layout.yaxis.title.text == f"top-1 (%); the axis starts at {fig.layout.yaxis.range[0]:.0f}, not 0"
     result = {"runs": {f"ce/{s}": {"method": "ce", "status": "ok", "history": [{"test_top1": 50 + s}, {"test_top1": 60 + s}]}
                        for s in range(3)}}
     curves = curves_figure(study_curves(result), widget=True)
