@@ -6,7 +6,7 @@ Docs: https://kdbook.github.io/kdbook/mmkd.html.md"""
 
 # %% ../nbs/14_mmkd.ipynb #77de68da
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
-import copy, math
+import copy, math, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,14 +22,14 @@ from .learner import Distiller, Method, TrainConfig, register_method
 from .dist import all_reduce_grads
 
 # %% auto #0
-__all__ = ['META_INPUTS', 'HYPERGRADS', 'FEATURE_META', 'PAPER_RESULTS', 'gram', 'logit_meta_input', 'gram_meta_input',
-           'row_meta_input', 'MetaWeightNet', 'matching_terms', 'weighted_matching', 'sgd_step', 'StudentAndRegressors',
-           'LookAhead', 'hypergradient', 'lookahead_coefficients', 'replay_hypergradient', 'small_lookahead',
-           'outer_of', 'HardBuffer', 'MMKD', 'mmkd_speed']
+__all__ = ['META_INPUTS', 'STEP_LOSSES', 'HYPERGRADS', 'FEATURE_META', 'PAPER_RESULTS', 'gram', 'logit_meta_input',
+           'gram_meta_input', 'row_meta_input', 'MetaWeightNet', 'matching_terms', 'weighted_matching', 'sgd_step',
+           'StudentAndRegressors', 'LookAhead', 'hypergradient', 'lookahead_coefficients', 'replay_hypergradient',
+           'small_lookahead', 'outer_of', 'HardBuffer', 'MMKD', 'mmkd_speed']
 
 # %% ../nbs/14_mmkd.ipynb #902ba3cd
 def gram(f: Tensor) -> Tensor:
-    "The B×B similarity matrix F Fᵀ of a batch of feature maps `[B, ...]` flattened to rows (the code: not normalised)."
+    "The B×B similarity matrix F Fᵀ of maps `[B, ...]` flattened to rows (not normalised)."
     f = f.flatten(1)
     return f @ f.T
 
@@ -37,7 +37,7 @@ META_INPUTS = ("logits", "probs")
 
 def logit_meta_input(t_logits: Tensor, # teachers' logits `[M, B, C]`
                      s_logits: Tensor, # the student's logits `[B, C]`, detached
-                     kind: str = "logits", # "logits" (the code) or "probs" (Eq. 1 as printed: softened distributions)
+                     kind: str = "logits", # "logits" (the code) or "probs" (Eq. 1: softened)
                      T: float = 4.0) -> Tensor: # the temperature of "probs"
     "Eq. 1: the logit meta-net's input `[B, C·(M+1)]`, each teacher's vector then the student's."
     check_choice("kind", kind, META_INPUTS)
@@ -47,17 +47,17 @@ def logit_meta_input(t_logits: Tensor, # teachers' logits `[M, B, C]`
 
 def gram_meta_input(t_maps: list, # each teacher's feature map `[B, ...]`
                     s_map: Tensor) -> Tensor: # the student's map `[B, ...]`, detached
-    "Eq. 3–4, the code's feature meta-net input `[B, B·(M+1)]`: the Gram matrices of the teachers' maps, then the student's, side by side."
+    "Eq. 3–4 (the code): the teachers' Gram matrices, then the student's: `[B, B·(M+1)]`."
     return torch.cat([gram(f) for f in (*t_maps, s_map)], 1)
 
 def row_meta_input(t_maps: list, s_map: Tensor) -> Tensor:
-    "Ours, `[B, M]` whatever the batch size: for sample i and teacher m, the cosine between row i of teacher m's and of the student's row-normalised Gram matrices."
+    "Ours, `[B, M]` for any B: cosines between rows i of teacher m's and the student's unit-row G."
     gs = F.normalize(gram(s_map), dim=1)
     return torch.stack([(F.normalize(gram(f), dim=1) * gs).sum(1) for f in t_maps], 1)
 
 # %% ../nbs/14_mmkd.ipynb #b1d57811
 class MetaWeightNet(nn.Module):
-    "Eq. 2 and Eq. 5: Linear(n, n/2) → ReLU → Linear(·, M) → softmax; per-sample weights `[B, M]` over M teachers from an input `[B, n]`."
+    "Eq. 2 and 5: Linear(n, n/2) → ReLU → Linear(·, M) → softmax; `[B, n]` in, `[B, M]` out."
     def __init__(self, n_in: int, # width of the input (the code's `n_feature`)
                  n_teachers: int, # M
                  what: str = "input"): # what the input is, for the error message
@@ -68,12 +68,13 @@ class MetaWeightNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.n_in:
-            raise ValueError(f"this meta-weight net takes {self.what} of width {self.n_in}, got width {x.shape[-1]}")
+            raise ValueError(f"this meta-weight net takes {self.what} of width {self.n_in}, "
+                             f"got width {x.shape[-1]}")
         return F.softmax(self.out(F.relu(self.hidden(x))), -1)
 
 # %% ../nbs/14_mmkd.ipynb #bd307a3e
 def matching_terms(s_logits: Tensor, # the student's logits `[B, C]`
-                   regressed: list, # the student's map through each teacher's regressor, M × `[B, ...]`
+                   regressed: list, # the student's map through each regressor, M × `[B, ...]`
                    t_logits: Tensor, # teachers' logits `[M, B, C]`
                    t_maps: list, # teachers' maps, M × `[B, ...]`
                    T: float = 4.0) -> tuple: # temperature of the KD terms
@@ -83,7 +84,8 @@ def matching_terms(s_logits: Tensor, # the student's logits `[B, C]`
     mse = torch.stack([(r - f).pow(2).flatten(1).mean(1) for r, f in zip(regressed, t_maps)], 1)
     return kl, mse
 
-def weighted_matching(kl: Tensor, mse: Tensor, w_logit: Tensor, w_feat: Tensor, alpha: float, beta: float) -> Tensor:
+def weighted_matching(kl: Tensor, mse: Tensor, w_logit: Tensor, w_feat: Tensor,
+                      alpha: float, beta: float) -> Tensor:
     "α·mean_i Σ_m w_im KL_im + β·mean_i Σ_m w'_im MSE_im: Eq. 6 and Eq. 7 weighted and summed."
     return alpha * (w_logit * kl).sum(1).mean() + beta * (w_feat * mse).sum(1).mean()
 
@@ -91,8 +93,9 @@ def weighted_matching(kl: Tensor, mse: Tensor, w_logit: Tensor, w_feat: Tensor, 
 def sgd_step(params: dict, # name -> tensor
              grads: dict, # name -> gradient
              bufs: dict, # name -> momentum buffer (None: the first step, as torch's SGD)
-             lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> tuple:
-    "`torch.optim.SGD`'s update (dampening 0) as a function: the new parameters and momentum buffers, differentiable in every input."
+             lr: float, momentum: float = 0.0, nesterov: bool = False,
+             weight_decay: float = 0.0) -> tuple:
+    "`torch.optim.SGD`'s update (dampening 0) as a function: new parameters and momentum buffers."
     new_p, new_b = {}, {}
     for k, p in params.items():
         g = grads[k] + weight_decay * p if weight_decay else grads[k]
@@ -105,27 +108,33 @@ def sgd_step(params: dict, # name -> tensor
 
 # %% ../nbs/14_mmkd.ipynb #91032ad7
 class StudentAndRegressors(nn.Module):
-    "The student and its per-teacher regressors as one module: (logits, regressed maps, the map) of a batch."
+    "The student and its regressors as one module: (logits, regressed maps, the map)."
     def __init__(self, student: nn.Module, regressors: nn.ModuleList, layer: int = -1):
         super().__init__()
         self.student, self.regressors, self.layer = student, regressors, layer
     def forward(self, x: Tensor) -> tuple:
         s = self.student(x)
-        f = s.feats[self.layer] if s.feats else None     # a student without maps has no regressors either
+        f = s.feats[self.layer] if s.feats else None     # no maps: no regressors either
         return upcast(s.logits), [upcast(r(f)) for r in self.regressors], f
 
 # %% ../nbs/14_mmkd.ipynb #472b07b9
+STEP_LOSSES = ("match", "eq9", "ce")   # a look-ahead step on the matching terms, on Eq. 9, on CE
+
 class LookAhead:
-    "One meta step's problem: a batch, the teachers' outputs on it, the meta inputs, and the student (with regressors) as a function of its parameters."
-    def __init__(self, model: StudentAndRegressors, x: Tensor, y: Tensor, t_logits: Tensor, t_maps: list,
+    "One meta step's problem: a batch, the teachers' outputs, the meta inputs, the student."
+    def __init__(self, model: StudentAndRegressors, x: Tensor, y: Tensor,
+                 t_logits: Tensor, t_maps: list,
                  nets: dict, # "logit" / "feat" -> MetaWeightNet, or None for uniform weights
-                 inputs: dict, # "logit" / "feat" -> the meta input `[B, n]`, fixed for the whole look-ahead
-                 steps: tuple = ("match", "match", "ce"), # the look-ahead: matching steps (Eq. 6 + 7, weighted), CE steps
-                 T: float = 4.0, alpha: float = 1.0, beta: float = 100.0):
+                 inputs: dict, # "logit" / "feat" -> the meta input `[B, n]`, held fixed
+                 steps: tuple = ("match", "match", "ce"), # each step's loss, from `STEP_LOSSES`
+                 T: float = 4.0, alpha: float = 1.0, beta: float = 100.0,
+                 gamma: float = 1.0): # weight of the CE in an "eq9" step
         self.model, self.x, self.y, self.t_logits, self.t_maps = model, x, y, t_logits, t_maps
+        for s in steps: check_choice("steps", s, STEP_LOSSES)
         self.nets, self.inputs, self.steps = nets, inputs, tuple(steps)
-        self.T, self.alpha, self.beta = T, alpha, beta
-        self.no_stats = {k: None for k, _ in model.named_buffers()}   # BatchNorm on batch statistics; its running statistics untouched
+        self.T, self.alpha, self.beta, self.gamma = T, alpha, beta, gamma
+        # BatchNorm on batch statistics, running statistics passed as None: never moved
+        self.no_stats = {k: None for k, _ in model.named_buffers()}
         M, B = t_logits.shape[:2]
         self.uniform = t_logits.new_full((B, M), 1.0 / M)
 
@@ -133,11 +142,12 @@ class LookAhead:
         return functional_call(self.model, {**theta, **self.no_stats}, (self.x,))
 
     def weights(self, phi: dict) -> tuple:
-        "Per-sample teacher weights `[B, M]` for the logits and the features, as functions of the meta parameters φ."
+        "Per-sample teacher weights `[B, M]` for the logits and the features, as functions of φ."
         def one(key):
             net = self.nets.get(key)
             if net is None: return self.uniform
-            return functional_call(net, {k[len(key) + 1:]: v for k, v in phi.items() if k.startswith(key + ".")}, (self.inputs[key],))
+            own = {k[len(key) + 1:]: v for k, v in phi.items() if k.startswith(key + ".")}
+            return functional_call(net, own, (self.inputs[key],))
         return one("logit"), one("feat")
 
     def terms(self, theta: dict) -> tuple:
@@ -145,78 +155,103 @@ class LookAhead:
         return matching_terms(z, regressed, self.t_logits, self.t_maps, self.T)
 
     def step_loss(self, theta: dict, phi: dict, kind: str) -> Tensor:
-        "The loss of one look-ahead step: the weighted matching loss (the code's `matching_only`) or CE."
-        if kind == "ce": return F.cross_entropy(self.forward(theta)[0], self.y)
-        return weighted_matching(*self.terms(theta), *self.weights(phi), self.alpha, self.beta)
+        "One step's loss: CE, the weighted matching loss (`matching_only`) or Eq. 9 (both)."
+        z, regressed, _ = self.forward(theta)
+        ce = F.cross_entropy(z, self.y)
+        if kind == "ce": return ce
+        terms = matching_terms(z, regressed, self.t_logits, self.t_maps, self.T)
+        match = weighted_matching(*terms, *self.weights(phi), self.alpha, self.beta)
+        return match + self.gamma * ce if kind == "eq9" else match
 
     def outer_loss(self, theta: dict) -> Tensor:
         "Eq. 12's objective: CE of the looked-ahead student on the batch."
         return F.cross_entropy(self.forward(theta)[0], self.y)
 
 # %% ../nbs/14_mmkd.ipynb #d435a6cd
-HYPERGRADS = ("exact", "first_order", "replay")
+HYPERGRADS = ("exact", "first_order", "replay", "reverse")
 
-def hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict, opt: dict, mode: str = "exact") -> dict:
-    "dL_outer/dφ through the look-ahead steps of SGD (`opt`: lr, momentum, nesterov, weight_decay): exact, first order (the loss Hessians dropped) or the public code's replay."
+def hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict,
+                  opt: dict, # the student's SGD: lr, momentum, nesterov, weight_decay
+                  mode: str = "exact") -> dict: # one of `HYPERGRADS`
+    "dL_outer/dφ through the look-ahead: exact, first order (no Hessians) or a replay."
     check_choice("mode", mode, HYPERGRADS)
-    if mode == "replay": return replay_hypergradient(problem, phi, theta, bufs, opt)
+    if mode in ("replay", "reverse"):
+        nest = mode == "reverse"
+        return replay_hypergradient(problem, phi, theta, bufs, opt, nesterov_adjoint=nest)
     if mode == "first_order": return _first_order(problem, phi, theta, bufs, opt)
     with torch.enable_grad():
         ph = {k: v.detach().requires_grad_() for k, v in phi.items()}
         th, b = {k: v.detach().requires_grad_() for k, v in theta.items()}, bufs
-        for kind in problem.steps:    # each step's gradient keeps its graph (create_graph): the outer gradient runs through it
-            g = torch.autograd.grad(problem.step_loss(th, ph, kind), list(th.values()), create_graph=True, materialize_grads=True)
+        for kind in problem.steps:    # each gradient keeps its graph for the outer one
+            g = torch.autograd.grad(problem.step_loss(th, ph, kind), list(th.values()),
+                                    create_graph=True, materialize_grads=True)
             th, b = sgd_step(th, dict(zip(th, g)), b, **opt)
-        g = torch.autograd.grad(problem.outer_loss(th), list(ph.values()), allow_unused=True, materialize_grads=True)
+        g = torch.autograd.grad(problem.outer_loss(th), list(ph.values()),
+                                allow_unused=True, materialize_grads=True)
     return dict(zip(ph, g))
 
+# %% ../nbs/14_mmkd.ipynb #a37bc1a1
 def lookahead_coefficients(n: int, momentum: float = 0.0, nesterov: bool = False) -> list:
-    "c_t: how much of step t's gradient reaches θ_n (times −lr) when the loss Hessians are dropped."
+    "c_t: how much of step t's gradient reaches θ_n (times −lr) with the Hessians dropped."
     if not momentum: return [1.0] * n
     geo = [sum(momentum ** j for j in range(n - t)) for t in range(n)]
     return [1 + momentum * s for s in geo] if nesterov else geo
 
 def _plain_lookahead(problem, phi, theta, bufs, opt) -> tuple:
-    "The look-ahead with no graph through its steps: each state θ_j before its step, and ∇L_outer(θ_k)."
+    "The look-ahead with no graph: each state θ_j before its step, and ∇L_outer(θ_k)."
     th, b, states = theta, bufs, []
     for kind in problem.steps:
         states.append(th)
         with torch.enable_grad():
             p = {k: v.detach().requires_grad_() for k, v in th.items()}
-            g = torch.autograd.grad(problem.step_loss(p, phi, kind), list(p.values()), materialize_grads=True)
+            loss = problem.step_loss(p, phi, kind)
+            g = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
         with torch.no_grad(): th, b = sgd_step(th, dict(zip(p, g)), b, **opt)
     return states, grad(problem.outer_loss)(th)
 
 def _first_order(problem, phi, theta, bufs, opt):
     states, u = _plain_lookahead(problem, phi, theta, bufs, opt)
-    at = [th for th, kind in zip(states, problem.steps) if kind == "match"]
-    coef = lookahead_coefficients(len(problem.steps), opt.get("momentum", 0.0), opt.get("nesterov", False))
-    coef = [-opt["lr"] * c for c, kind in zip(coef, problem.steps) if kind == "match"]
+    at = [th for th, kind in zip(states, problem.steps) if kind != "ce"]    # φ: matching only
+    mu, nest = opt.get("momentum", 0.0), opt.get("nesterov", False)
+    coef = lookahead_coefficients(len(problem.steps), mu, nest)
+    coef = [-opt["lr"] * c for c, kind in zip(coef, problem.steps) if kind != "ce"]
     d_kl = d_mse = 0
-    for th_t, c in zip(at, coef):    # the directional derivatives ∇_θ KL_im · u and ∇_θ MSE_im · u by forward mode
-        _, (dk, dm) = jvp(problem.terms, (th_t,), (u,))
+    for th_t, c in zip(at, coef):    # ∇_θ KL_im · u and ∇_θ MSE_im · u by forward mode
+        with warnings.catch_warnings():   # forward mode's first call scripts torch's decompositions
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            _, (dk, dm) = jvp(problem.terms, (th_t,), (u,))
         d_kl, d_mse = d_kl + c * dk, d_mse + c * dm
-    return grad(lambda phi: weighted_matching(d_kl, d_mse, *problem.weights(phi), problem.alpha, problem.beta))(phi)
+    def dotted(phi):
+        return weighted_matching(d_kl, d_mse, *problem.weights(phi), problem.alpha, problem.beta)
+    return grad(dotted)(phi)
 
 # %% ../nbs/14_mmkd.ipynb #f6e1126c
-def replay_hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict, opt: dict) -> dict:
-    "The public code's Reverse-HG (`MetaSGD.meta_backward`) restated: a copy of the state before each step, then a reverse pass of Hessian-vector products that models heavy-ball momentum."
+def replay_hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict, opt: dict,
+                         nesterov_adjoint: bool = False, # True: Nesterov's adjoint (ours)
+                        ) -> dict:
+    "The code's Reverse-HG (`MetaSGD.meta_backward`) restated: reverse Hessian-vector products."
     lr, mu, wd = opt["lr"], opt.get("momentum", 0.0), opt.get("weight_decay", 0.0)
+    nest = nesterov_adjoint and opt.get("nesterov", False)
+    c = lr * (1 + mu) if nest else lr          # θ's step along the new gradient: η(1+μ) or η
+    c_v = lr * mu * mu if nest else lr * mu    # θ's step along the old momentum: ημ² or ημ
     states, a0 = _plain_lookahead(problem, phi, theta, bufs, opt)
-    saved = [({k: v.clone() for k, v in th.items()}, kind) for th, kind in zip(states, problem.steps)]   # the code's copy per step
+    saved = [({k: v.clone() for k, v in th.items()}, kind)   # the code's copy per step
+             for th, kind in zip(states, problem.steps)]
     a1 = {k: torch.zeros_like(v) for k, v in a0.items()}
     out = {k: torch.zeros_like(v) for k, v in phi.items()}
     for th_t, kind in reversed(saved):
         with torch.enable_grad():
             p = {k: v.detach().requires_grad_() for k, v in th_t.items()}
             f = {k: v.detach().requires_grad_() for k, v in phi.items()}
-            g = torch.autograd.grad(problem.step_loss(p, f, kind), list(p.values()), create_graph=True, allow_unused=True)
-            X = sum((gi * (a1[k] - lr * a0[k])).sum() for gi, k in zip(g, p) if gi is not None)
+            g = torch.autograd.grad(problem.step_loss(p, f, kind), list(p.values()),
+                                    create_graph=True, allow_unused=True)
+            X = sum((gi * (a1[k] - c * a0[k])).sum() for gi, k in zip(g, p) if gi is not None)
             hv = torch.autograd.grad(X, [*p.values(), *f.values()], allow_unused=True)
         for k, h in zip(f, hv[len(p):]):
             if h is not None: out[k] += h
-        new0 = {k: a0[k] * (1 - lr * wd) + wd * a1[k] + (h if h is not None else 0) for k, h in zip(p, hv[:len(p)])}
-        a1 = {k: mu * a1[k] - lr * mu * a0[k] for k in a1}
+        new0 = {k: a0[k] * (1 - c * wd) + wd * a1[k] + (h if h is not None else 0)
+                for k, h in zip(p, hv[:len(p)])}
+        a1 = {k: mu * a1[k] - c_v * a0[k] for k in a1}
         a0 = new0
     return out
 
@@ -252,7 +287,7 @@ def outer_of(problem: LookAhead, theta: dict, bufs: dict, opt: dict):
 
 # %% ../nbs/14_mmkd.ipynb #b6692ea5
 class HardBuffer(nn.Module):
-    "The hard buffer: filled with whole training batches, then each misclassified training sample replaces a random slot; batches drawn from it are the outer objective's data."
+    "The hard buffer: whole batches, then misclassified samples in random slots; the outer data."
     def __init__(self, size: int = 256):
         super().__init__()
         self.size = check_int("buffer_size", size, 1)
@@ -261,18 +296,19 @@ class HardBuffer(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def allocate(self, batch: tuple):
-        "Size the storage from one training batch; the buffer fills with whole batches, so its size must be a multiple of the batch size."
+        "Size the storage from one training batch (the size must be a multiple of the batch size)."
         x, y = batch[0], batch[1]
         if self.size % len(x):
-            raise ValueError(f"buffer_size={self.size} must be a multiple of the batch size {len(x)} "
-                             "(the buffer fills with whole batches, as the public code's HardBuffer)")
+            raise ValueError(f"buffer_size={self.size} must be a multiple of the batch size "
+                             f"{len(x)} (the buffer fills with whole batches, as the public "
+                             "code's HardBuffer)")
         self.x = x.new_zeros((self.size, *x.shape[1:]))
         self.y = y.new_zeros(self.size)
         self.filled = torch.zeros((), dtype=torch.long, device=x.device)
 
     @torch.no_grad()
     def add(self, x: Tensor, y: Tensor, wrong: Tensor):
-        "Put the batch in while the buffer is not full; after that, its misclassified samples (`wrong`, boolean) replace random slots."
+        "The batch while not full; after that its misclassified samples (`wrong`) in random slots."
         n = int(self.filled)
         if n < self.size:
             self.x[n:n + len(x)], self.y[n:n + len(x)] = x, y
@@ -298,39 +334,47 @@ FEATURE_META = ("gram", "rows")
 
 @register_method
 class MMKD(Method):
-    "MMKD: per-sample teacher weights on the logits and the features from two meta-weight nets, trained through a look-ahead of the student on a hard buffer."
+    "MMKD: per-sample teacher weights from two meta-nets trained through the student's look-ahead."
     name = "mmkd"
-    paper = "Adaptive Multi-Teacher Knowledge Distillation with Meta-Learning (MMKD; code Rorozhl/MMKD)"
+    paper = ("Adaptive Multi-Teacher Knowledge Distillation with Meta-Learning "
+             "(MMKD; code Rorozhl/MMKD)")
     chapter = "mmkd"
-    sync_bn_ok = False   # the look-ahead differentiates the student with torch.func / double backward (chapter 06)
+    sync_bn_ok = False   # the look-ahead differentiates the student twice (chapter 06)
     needs_teachers = True
     teacher_feats = True
 
-    def __init__(self, T: float = 4.0,             # temperature T of the KD terms (the paper's 4)
-                 gamma: float = 1.0,               # weight of the cross-entropy with the labels (Eq. 9)
-                 alpha: float = 1.0,               # α, weight of the logit term (the paper: 1 in all methods)
-                 beta: float = 100.0,              # β, weight of the feature term (the paper: 10 or 100)
-                 period: int = 5,                  # a meta step every `period` training steps (the code's meta_freq)
-                 lookahead: int = 2,               # matching steps of the look-ahead (the code: 2, then one CE step)
-                 ce_step: bool = True,             # the code's CE step after the matching steps
-                 meta_lr: float = 1e-3,            # Adam learning rate of the meta-weight nets
-                 meta_wd: float = 1e-4,            # Adam weight decay of the meta-weight nets
-                 buffer_size: int = 256,           # hard buffer size, a multiple of the batch size
-                 hard_buffer: bool = True,         # False: the look-ahead and outer loss use the training batch
-                 logit_weights: bool = True,       # False: uniform 1/M on the logit terms (no logit meta-net)
-                 feat_weights: bool = True,        # False: uniform 1/M on the feature terms (no feature meta-net)
-                 feat_meta: str = "gram",          # "gram": the code's B×B Gram input; "rows": ours, independent of the batch size
-                 meta_input: str = "logits",       # the logit meta-net's input: "logits" (the code) or "probs" (the paper's text)
-                 hypergrad: str = "exact",         # "exact" (second order), "first_order" or "replay" (the public code's Reverse-HG)
-                 layer: int = -1):                 # which feature map carries the feature term (the last, as the code's penultimate)
+    def __init__(self, T: float = 4.0, # temperature T of the KD terms (the paper's 4)
+                 gamma: float = 1.0, # weight of the cross-entropy with the labels (Eq. 9)
+                 alpha: float = 1.0, # α, weight of the logit term (the paper: 1)
+                 beta: float = 100.0, # β, weight of the feature term (the paper: 10 or 100)
+                 period: int = 5, # a meta step every `period` steps (the code's meta_freq)
+                 lookahead: int = 2, # look-ahead steps (the code: 2 matching steps)
+                 ce_step: bool = True, # the code's CE step after them
+                 lookahead_loss: str = "match", # their loss: "match" (the code) or "eq9" (Eq. 9)
+                 meta_lr: float = 1e-3, # Adam learning rate of the meta-weight nets
+                 meta_wd: float = 1e-4, # Adam weight decay of the meta-weight nets
+                 buffer_size: int = 256, # hard buffer size, a multiple of the batch size
+                 hard_buffer: bool = True, # False: the meta step uses the training batch
+                 logit_weights: bool = True, # False: uniform 1/M on the logit terms
+                 feat_weights: bool = True, # False: uniform 1/M on the feature terms
+                 feat_meta: str = "gram", # "gram": the code's B×B input; "rows": ours
+                 meta_input: str = "logits", # "logits" (the code) or "probs" (the paper's text)
+                 hypergrad: str = "exact", # one of `HYPERGRADS`; "replay" is the code's
+                 layer: int = -1): # the feature map of the feature term (the last)
         super().__init__()
         self.T = check_temperature(T)
-        self.gamma, self.alpha, self.beta = (check_nonneg(n, v) for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta)))
-        self.period, self.lookahead = check_int("period", period, 1), check_int("lookahead", lookahead, 0)
-        self.meta_lr, self.meta_wd = check_nonneg("meta_lr", meta_lr), check_nonneg("meta_wd", meta_wd)
-        for n, v in (("ce_step", ce_step), ("hard_buffer", hard_buffer), ("logit_weights", logit_weights), ("feat_weights", feat_weights)):
+        self.gamma, self.alpha, self.beta = (check_nonneg(n, v) for n, v in
+                                             (("gamma", gamma), ("alpha", alpha), ("beta", beta)))
+        self.period = check_int("period", period, 1)
+        self.lookahead = check_int("lookahead", lookahead, 0)
+        self.meta_lr = check_nonneg("meta_lr", meta_lr)
+        self.meta_wd = check_nonneg("meta_wd", meta_wd)
+        switches = dict(ce_step=ce_step, hard_buffer=hard_buffer, logit_weights=logit_weights,
+                        feat_weights=feat_weights)
+        for n, v in switches.items():
             if not isinstance(v, bool): raise ValueError(f"{n} must be True or False, got {v!r}")
-        self.ce_step, self.hard_buffer, self.logit_weights, self.feat_weights = ce_step, hard_buffer, logit_weights, feat_weights
+            setattr(self, n, v)
+        self.lookahead_loss = check_choice("lookahead_loss", lookahead_loss, STEP_LOSSES[:2])
         self.feat_meta = check_choice("feat_meta", feat_meta, FEATURE_META)
         self.meta_input = check_choice("meta_input", meta_input, META_INPUTS)
         self.hypergrad = check_choice("hypergrad", hypergrad, HYPERGRADS)
@@ -339,25 +383,33 @@ class MMKD(Method):
         self.regressors, self.nets = nn.ModuleList(), nn.ModuleDict()
         self._last, self._log, self.meta_opt, self.model = None, [], None, []
 
-    def setup(self, student, bank, batch):
-        x = batch[0]
-        was = student.training
-        s, t = student.eval()(x), bank(x, feats=True)     # eval: this look at the shapes leaves BatchNorm's statistics alone
-        student.train(was)
-        if not (s.feats and t.feats and all(t.feats)) and (self.feat_weights or self.beta > 0):
-            raise ValueError(f"MMKD's feature term and feature meta-net need feature maps, but the student "
-                             f"({type(student).__name__}) or a teacher returns none: pass beta=0 and feat_weights=False")
-        M, self.n_classes = len(bank.teachers), s.logits.shape[1]
-        if self.beta > 0: self.regressors = build_regressors(student, bank, batch, self.layer)
-        if self.logit_weights:
-            self.nets["logit"] = MetaWeightNet(s.logits.shape[1] * (M + 1), M, "logits of M teachers and the student")
-        if self.feat_weights and self.beta > 0:
-            n = len(x) * (M + 1) if self.feat_meta == "gram" else M
-            self.nets["feat"] = MetaWeightNet(n, M, "Gram rows (batch size × (M + 1))" if self.feat_meta == "gram" else "row similarities")
-        self.nets.requires_grad_(False)     # trained by the meta step's Adam, never by the student's optimizer
-        self.meta_opt = torch.optim.Adam(list(self.nets.parameters()), lr=self.meta_lr, weight_decay=self.meta_wd) if len(self.nets) else None
-        if self.hard_buffer: self.buffer.allocate(batch)
-        self.model = [StudentAndRegressors(student, self.regressors, self.layer)]   # a plain list: the student is not this method's module
+# %% ../nbs/14_mmkd.ipynb #083a8bf8
+@patch
+def setup(self: MMKD, student, bank, batch):
+    "Regressors, the meta-nets (sized from this batch) and their Adam, the hard buffer's storage."
+    x = batch[0]
+    was = student.training
+    s, t = student.eval()(x), bank(x, feats=True)     # eval: a look at the shapes leaves BatchNorm alone
+    student.train(was)
+    if not (s.feats and t.feats and all(t.feats)) and (self.feat_weights or self.beta > 0):
+        raise ValueError(f"MMKD's feature term and feature meta-net need feature maps, but the student "
+                         f"({type(student).__name__}) or a teacher returns none: "
+                         "pass beta=0 and feat_weights=False")
+    M, self.n_classes = len(bank.teachers), s.logits.shape[1]
+    if self.beta > 0: self.regressors = build_regressors(student, bank, batch, self.layer)
+    if self.logit_weights:
+        n_in = s.logits.shape[1] * (M + 1)
+        self.nets["logit"] = MetaWeightNet(n_in, M, "logits of M teachers and the student")
+    if self.feat_weights and self.beta > 0:
+        gram_input = self.feat_meta == "gram"
+        what = "Gram rows (batch size × (M + 1))" if gram_input else "row similarities"
+        self.nets["feat"] = MetaWeightNet(len(x) * (M + 1) if gram_input else M, M, what)
+    self.nets.requires_grad_(False)     # trained by the meta step's Adam, never by the student's optimizer
+    ps = list(self.nets.parameters())
+    self.meta_opt = torch.optim.Adam(ps, lr=self.meta_lr, weight_decay=self.meta_wd) if ps else None
+    if self.hard_buffer: self.buffer.allocate(batch)
+    # a plain list: the student is not this method's module
+    self.model = [StudentAndRegressors(student, self.regressors, self.layer)]
 
 # %% ../nbs/14_mmkd.ipynb #5b384ce3
 @patch
@@ -371,27 +423,30 @@ def meta_inputs(self: MMKD, t_logits: Tensor, s_logits: Tensor, t_maps: list, s_
 
 @patch
 def weights(self: MMKD, inputs: dict, M: int, B: int, like: Tensor) -> tuple:
-    "This batch's teacher weights `[B, M]` for the logit and the feature terms (uniform where a meta-net is off)."
+    "This batch's teacher weights `[B, M]`, logits and features (uniform where a meta-net is off)."
     u = like.new_full((B, M), 1.0 / M)
     return (self.nets["logit"](inputs["logit"]) if "logit" in inputs else u,
             self.nets["feat"](inputs["feat"]) if "feat" in inputs else u)
 
+# %% ../nbs/14_mmkd.ipynb #de9e680e
 @patch
 def loss(self: MMKD, batch, s, t):
-    "Eq. 9: γ·CE + α·Σ_m w_m T²KL_m + β·Σ_m w'_m MSE_m with this batch's meta weights (detached); the batch also feeds the hard buffer."
+    "Eq. 9 with this batch's meta weights (detached): γ·CE + α·Σ w_m T²KL_m + β·Σ w'_m MSE_m."
     x, y = batch[0], batch[1]
     z, t_logits = upcast(s.logits), upcast(t.logits)
     M, B = t_logits.shape[:2]
     fs = s.feats[self.layer] if s.feats else None
     t_maps = [upcast(f[self.layer]) for f in t.feats] if self.beta > 0 else []
     with torch.no_grad():
-        w_logit, w_feat = self.weights(self.meta_inputs(t_logits, z.detach(), t_maps, fs.detach() if fs is not None else None), M, B, z)
+        f_in = fs.detach() if fs is not None else None
+        inputs = self.meta_inputs(t_logits, z.detach(), t_maps, f_in)
+        w_logit, w_feat = self.weights(inputs, M, B, z)
     regressed = [upcast(r(fs)) for r in self.regressors]
     kl, mse = matching_terms(z, regressed, t_logits, t_maps, self.T)
     ce = F.cross_entropy(z, y)
     kd, feat = (w_logit * kl).sum(1).mean(), (w_feat * mse).sum(1).mean()
     with torch.no_grad():
-        if self.hard_buffer: self.buffer.add(x, y, z.argmax(1) != y)
+        if self.hard_buffer: self.buffer.add(x, y, z.argmax(1) != y)   # feeds the hard buffer
         self._last = (x, y, w_logit, w_feat)
     out = {"ce": ce, "kd": kd, "loss": self.gamma * ce + self.alpha * kd + self.beta * feat}
     if self.beta > 0: out["feat"] = feat
@@ -407,36 +462,40 @@ def after_step(self: MMKD, learn):
 
 @patch
 def meta_step(self: MMKD, learn, x: Tensor, y: Tensor):
-    "One update of the meta-weight nets: dL_outer/dφ through the look-ahead of the student's SGD on (x, y) (Eq. 12), then Adam."
+    "One update of the meta-nets: dL_outer/dφ through the look-ahead on (x, y) (Eq. 12), Adam."
     opt = learn.opt
     if type(opt) is not torch.optim.SGD:
-        raise ValueError(f"MMKD's look-ahead follows torch.optim.SGD (the paper's optimiser), but the student's optimizer is "
-                         f"{type(opt).__name__}: train with TrainConfig(optimizer='sgd')")
+        raise ValueError(f"MMKD's look-ahead follows torch.optim.SGD (the paper's optimiser), but "
+                         f"the student's optimizer is {type(opt).__name__}: "
+                         "train with TrainConfig(optimizer='sgd')")
     g0 = opt.param_groups[0]
-    hp = dict(lr=g0["lr"], momentum=g0["momentum"], nesterov=g0["nesterov"], weight_decay=g0["weight_decay"])
+    hp = {k: g0[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
     model = self.model[0]
     named = dict(model.named_parameters())
     theta = {k: p.detach() for k, p in named.items()}
     bufs = {k: opt.state.get(p, {}).get("momentum_buffer") for k, p in named.items()}
-    steps = ("match",) * self.lookahead + (("ce",) if self.ce_step else ())
+    steps = (self.lookahead_loss,) * self.lookahead + (("ce",) if self.ce_step else ())
     with torch.no_grad():
         t = learn.bank(x, feats=True)
         t_logits = upcast(t.logits)
         t_maps = [upcast(f[self.layer]) for f in t.feats] if self.beta > 0 else []
-        problem = LookAhead(model, x, y, t_logits, t_maps, dict(self.nets), {}, steps, self.T, self.alpha, self.beta)
+        problem = LookAhead(model, x, y, t_logits, t_maps, dict(self.nets), {}, steps,
+                            self.T, self.alpha, self.beta, self.gamma)
         z, _, fmap = problem.forward(theta)
-        problem.inputs = self.meta_inputs(t_logits, z, t_maps, fmap)
-    phi = {f"{n}.{k}": p.detach() for n, net in self.nets.items() for k, p in net.named_parameters()}
+        problem.inputs = self.meta_inputs(t_logits, z, t_maps, fmap)   # fixed for the look-ahead
+    phi = {f"{n}.{k}": p.detach() for n, net in self.nets.items()
+           for k, p in net.named_parameters()}
     g = hypergradient(problem, phi, theta, bufs, hp, self.hypergrad)
     for n, net in self.nets.items():
         for k, p in net.named_parameters(): p.grad = g[f"{n}.{k}"].detach()
-    # under DDP each rank's hypergradient is on its own hard-buffer batch: their mean is the hypergradient of the mean
-    # outer loss over all ranks' batches, and every rank's meta-nets take the same Adam step (chapter 06)
+    # under DDP each rank's hypergradient is on its own hard-buffer batch: their mean is the
+    # hypergradient of the mean outer loss, and every rank's meta-nets take the same Adam step
     all_reduce_grads([p for net in self.nets.values() for p in net.parameters()])
     self.meta_opt.step()
     self.meta_opt.zero_grad(set_to_none=True)
     w_logit, w_feat = self._last[2], self._last[3]
-    self._log.append((learn.global_step, w_logit[:16].cpu(), w_feat[:16].cpu(), self._last[1][:16].cpu()))
+    self._log.append((learn.global_step, w_logit[:16].cpu(), w_feat[:16].cpu(),
+                      self._last[1][:16].cpu()))
 
 # %% ../nbs/14_mmkd.ipynb #af3e1334
 @patch
@@ -463,6 +522,7 @@ def get_extra_state(self: MMKD) -> Tensor:
 
 @patch
 def set_extra_state(self: MMKD, state: Tensor):
+    "Restore the meta-nets' Adam state from `get_extra_state`'s tensor (an empty state: nothing to restore)."
     if self.meta_opt is None: return
     ps = list(self.nets.parameters())
     self.meta_opt.state.clear()
@@ -510,18 +570,28 @@ def mmkd_speed(data: ImageDataset,      # e.g. `kdbook.data.synthetic_dataset(10
 
 # %% ../nbs/14_mmkd.ipynb #2a459380
 PAPER_RESULTS = {   # MMKD paper, top-1 (%), (mean, std) over three trials
-    "table1_pairs": ("VGG13→VGG8", "ResNet32x4→MobileNetV2", "ResNet32x4→VGG8", "WRN-40-2→MobileNetV2", "WRN-40-2→WRN-40-1", "ResNet20x4→ShuffleNetV1"),
-    "table1": {"Student": ((70.74, .40), (65.64, .19), (70.74, .40), (65.64, .19), (71.93, .22), (71.70, .43)),
-               "AVER": ((73.98, .13), (68.42, .06), (73.23, .35), (69.67, .01), (74.56, .13), (75.73, .02)),
-               "FitNet-MKD": ((74.05, .07), (68.46, .49), (73.24, .24), (69.29, .42), (74.95, .30), (75.98, .06)),
-               "EBKD": ((73.97, .34), (68.06, .01), (73.63, .31), (69.17, .11), (74.37, .23), (75.82, .26)),
-               "AE-KD (logits)": ((73.82, .09), (68.39, .13), (73.22, .29), (69.56, .34), (74.18, .25), (75.93, .32)),
-               "AE-KD (features)": ((73.99, .15), (68.18, .06), (73.38, .16), (69.44, .25), (74.96, .18), (76.86, .03)),
-               "CA-MKD": ((74.27, .16), (69.19, .04), (75.08, .07), (70.87, .14), (75.27, .21), (77.19, .49)),
-               "MMKD": ((74.86, .07), (69.70, .04), (75.66, .18), (71.23, .03), (75.61, .11), (77.76, .35))},
+    "table1_pairs": ("VGG13→VGG8", "ResNet32x4→MobileNetV2", "ResNet32x4→VGG8", "WRN-40-2→MobileNetV2",
+                     "WRN-40-2→WRN-40-1", "ResNet20x4→ShuffleNetV1"),
+    "table1": {
+        "Student": ((70.74, .40), (65.64, .19), (70.74, .40), (65.64, .19), (71.93, .22), (71.70, .43)),
+        "AVER": ((73.98, .13), (68.42, .06), (73.23, .35), (69.67, .01), (74.56, .13), (75.73, .02)),
+        "FitNet-MKD": ((74.05, .07), (68.46, .49), (73.24, .24), (69.29, .42), (74.95, .30), (75.98, .06)),
+        "EBKD": ((73.97, .34), (68.06, .01), (73.63, .31), (69.17, .11), (74.37, .23), (75.82, .26)),
+    "AE-KD (logits)": ((73.82, .09), (68.39, .13), (73.22, .29), (69.56, .34), (74.18, .25), (75.93, .32)),
+    "AE-KD (features)": ((73.99, .15), (68.18, .06), (73.38, .16), (69.44, .25), (74.96, .18), (76.86, .03)),
+        "CA-MKD": ((74.27, .16), (69.19, .04), (75.08, .07), (70.87, .14), (75.27, .21), (77.19, .49)),
+        "MMKD": ((74.86, .07), (69.70, .04), (75.66, .18), (71.23, .03), (75.61, .11), (77.76, .35))},
     "table1_ensemble": (77.07, 81.16, 81.16, 79.62, 79.62, 80.81),
-    "table1_ari": {"AVER": 49.97, "FitNet-MKD": 46.97, "EBKD": 53.64, "AE-KD (logits)": 54.87, "AE-KD (features)": 43.16, "CA-MKD": 11.98},
-    "table3_pairs": ("Dogs: ResNet101→ShuffleNetV2x0.5", "Dogs: ResNet34x4→ShuffleNetV2x0.5", "Tiny-ImageNet: ResNet32x4→MobileNetV2", "Tiny-ImageNet: VGG13→MobileNetV2"),
+    "table1_ari": {"AVER": 49.97, "FitNet-MKD": 46.97, "EBKD": 53.64, "AE-KD (logits)": 54.87,
+                   "AE-KD (features)": 43.16, "CA-MKD": 11.98},
+    "table2_pairs": ("ResNet32x4→MobileNetV2", "WRN-40-2→MobileNetV2", "WRN-40-2→WRN-40-1"),
+    "table2": {   # single-teacher methods against MMKD (three teachers)
+    "KD": ((67.57, .10), (69.31, .20), (74.22, .09)), "FitNet": ((67.87, .08), (69.01, .18), (74.28, .15)),
+        "AT": ((67.38, .21), (69.18, .37), (74.83, .15)), "VID": ((67.78, .13), (68.57, .11), (74.37, .22)),
+    "CRD": ((69.04, .16), (70.14, .06), (74.82, .06)), "SemCKD": ((68.86, .26), (69.61, .05), (74.41, .16)),
+    "SRRL": ((68.77, .06), (69.44, .13), (74.60, .04)), "MMKD": ((69.70, .04), (71.23, .03), (75.61, .11))},
+    "table3_pairs": ("Dogs: ResNet101→ShuffleNetV2x0.5", "Dogs: ResNet34x4→ShuffleNetV2x0.5",
+                     "Tiny-ImageNet: ResNet32x4→MobileNetV2", "Tiny-ImageNet: VGG13→MobileNetV2"),
     "table3": {"Student": ((59.36, .73), (59.36, .73), (39.46, .38), (39.46, .38)),
                "AVER": ((65.13, .13), (63.46, .21), (41.78, .15), (41.87, .11)),
                "FitNet-MKD": ((65.23, .37), (63.71, .31), (41.52, .21), (41.46, .14)),
@@ -530,4 +600,23 @@ PAPER_RESULTS = {   # MMKD paper, top-1 (%), (mean, std) over three trials
                "AE-KD (features)": ((64.91, .21), (62.13, .29), (42.03, .12), (41.56, .14)),
                "CA-MKD": ((64.09, .35), (64.28, .20), (43.90, .09), (42.65, .05)),
                "MMKD": ((65.46, .22), (64.55, .17), (44.10, .04), (44.15, .15))},
+    "table4_pairs": ("ResNet56+ResNet20x4+VGG13→VGG8", "ResNet8+WRN-40-2+ResNet20x4→ResNet8x4",
+                     "VGG11+VGG13+ResNet32x4→VGG8"),   # three teachers of different architectures
+    "table4": {"AVER": ((75.11, .57), (75.16, .11), (73.59, .06)),
+               "FitNet-MKD": ((75.06, .13), (75.21, .12), (73.43, .08)),
+               "EBKD": ((74.18, .22), (75.44, .29), (73.40, .06)),
+               "AE-KD (logits)": ((75.17, .30), (73.93, .17), (73.45, .08)),
+               "AE-KD (features)": ((74.69, .57), (73.98, .18), (74.15, .08)),
+               "CA-MKD": ((75.53, .14), (75.27, .18), (74.63, .17)),
+               "MMKD": ((76.21, .11), (76.29, .16), (75.78, .04))},
+    "table5_pairs": ("ResNet8+VGG11+ResNet56+VGG13+ResNet32x4→VGG8",
+                     "VGG11+ResNet56+VGG13+ResNet20x4+ResNet32x4→VGG8",
+                     "ResNet8+VGG11+VGG13+WRN-40-2+ResNet20x4→MobileNetV2"),   # five teachers
+    "table5": {"AVER": ((74.47, .47), (74.48, .12), (69.41, .04)),
+               "FitNet-MKD": ((74.34, .20), (74.24, .22), (69.61, .25)),
+               "EBKD": ((74.37, .07), (73.94, .29), (69.26, .64)),
+               "AE-KD (logits)": ((73.53, .10), (74.90, .17), (69.28, .21)),
+               "AE-KD (features)": ((74.02, .08), (75.06, .03), (69.41, .21)),
+               "CA-MKD": ((74.64, .23), (75.02, .21), (70.30, .51)),
+               "MMKD": ((75.42, .31), (75.78, .13), (71.30, .20))},
 }
