@@ -7,6 +7,7 @@ Docs: https://kdbook.github.io/kdbook/bench.html.md"""
 # %% ../nbs/30_bench.ipynb #d018b7ca
 from __future__ import annotations   # signatures name types, not `__main__.` ones, when show_doc runs in the page's kernel
 import importlib.util, time
+from typing import Callable, Sequence
 import torch
 
 from .data import ImageDataset, DatasetNotFoundError, load_dataset, bench_loader, device_sync, synthetic_dataset
@@ -120,8 +121,8 @@ QUICK_STAGES = ("loader", "teacher_bank", "teacher_cache", "aekd", "throughput")
 # %% ../nbs/30_bench.ipynb #b3c1a7e2
 def run_benchmarks(device: str = "auto",
                    quick: bool = False, # few repetitions, and only `QUICK_STAGES` unless `only` is given
-                   only=None, # stage names (`BENCH_STAGES`) to run, in that order
-                   log=None, # e.g. `print`: one line per stage as it finishes, with its time
+                   only: Sequence[str] | None = None, # stage names (`BENCH_STAGES`) to run, in that order
+                   log: Callable[[str], None] | None = None, # e.g. `print`: one line per stage as it finishes, with its time
                   ) -> dict:
     "Measure the speed ratios of the book on this machine, in one run: every stage of `BENCH_STAGES`, or those asked for."
     names = list(only) if only is not None else list(QUICK_STAGES if quick else BENCH_STAGES)
