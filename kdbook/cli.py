@@ -147,7 +147,7 @@ def _one_model(value: str) -> str:
 
 # %% ../nbs/90_cli.ipynb #e5b1c2d3
 BENCH_TIMES = {   # the wall times `kdbook bench --help` quotes, each measured with `time kdbook bench ...`
-    "quick": "75 s measured on a 2-core CPU with other work running (load average 7; 337 s at load 11)",
+    "quick": "11 s measured on a quiet 2-core CPU (load average 1.7; it grows with the load)",
     "peer": ("its first process of two (one per allocator setting) took 814 s, measured on a 2-core CPU with other "
              "work running (load average 8 to 11)"),
 }
