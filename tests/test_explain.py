@@ -185,7 +185,7 @@ def test_figures():
     fig = method_bars(rows, paper={"aekd": 93.0, "ce": 89.0})
     assert list(fig.data[0].x) == ["student", "aekd"] and list(fig.data[1].y) == [93.0, 89.0]
     assert fig.layout.yaxis.range[0] < 89 and fig.layout.yaxis.range[1] > 93
-    assert fig.layout.yaxis.title.text == f"top-1 (%); the axis starts at {fig.layout.yaxis.range[0]:.0f}, not 0"
+    assert fig.layout.yaxis.title.text == f"top-1 (%); the axis starts at {fig.layout.yaxis.range[0]:.3g}, not 0"
     result = {"runs": {f"ce/{s}": {"method": "ce", "status": "ok", "history": [{"test_top1": 50 + s}, {"test_top1": 60 + s}]}
                        for s in range(3)}}
     curves = curves_figure(study_curves(result), widget=True)
