@@ -220,7 +220,7 @@ def format_benchmarks(res: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/30_bench.ipynb #peer0001
-import copy, json, logging, os, statistics, subprocess, sys, tempfile
+import copy, functools, json, logging, os, statistics, subprocess, sys, tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -282,7 +282,7 @@ class PeerContender:
     student: torch.nn.Module
     next_batch: Callable[[], tuple]          # its loader's next (x, y), for timing the data alone
     teacher_logits: Callable[[Tensor], Tensor]  # its teacher forward, for timing the teacher alone
-    setup_s: float = 0.0                     # seconds spent before its first step (building a teacher cache)
+    setup_s: float = 0.0                     # the build seconds of the teacher cache it reads (0: none)
 
 def _sgd(params, s: PeerSetting):
     return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -353,6 +353,11 @@ def torchdistill_contender(ds, teacher, student, s: PeerSetting) -> PeerContende
                          lambda: next(batches)[:2], teacher_logits)
 
 # %% ../nbs/30_bench.ipynb #peer0009
+@functools.cache
+def _peer_cache_root() -> tempfile.TemporaryDirectory:
+    "One folder per process for the peer contenders' teacher caches (removed at exit)."
+    return tempfile.TemporaryDirectory(prefix="kdbook-peer-cache-")
+
 def kdbook_contender(ds, teacher, student, s: PeerSetting,
                      channels_last: bool = False, # the student in channels_last (`TrainConfig.channels_last`)
                      compile: bool = False, # torch.compile the student (`TrainConfig.compile`)
@@ -364,11 +369,9 @@ def kdbook_contender(ds, teacher, student, s: PeerSetting,
     cfg = TrainConfig(epochs=1, batch_size=s.batch_size, device=s.device, lr=s.lr, momentum=s.momentum, nesterov=False,
                       weight_decay=s.weight_decay, schedule="constant", seed=s.seed, amp=student_bf16,
                       channels_last=channels_last, compile=compile)
-    bank, t0, cache = TeacherBank([teacher], amp=teacher_bf16), time.perf_counter(), None
-    if teacher_cache:   # built once, here, into a folder that lives as long as this contender's steps
-        folder = tempfile.TemporaryDirectory(prefix="kdbook-peer-cache-")
-        cache = build_teacher_cache(bank, ds, device=s.device, root=folder.name)
-        cache.folder_owner = folder
+    bank = TeacherBank([teacher], amp=teacher_bf16)
+    # built once per teacher and data (a variant over the same ones opens it), in a folder that lives with the process
+    cache = build_teacher_cache(bank, ds, device=s.device, root=_peer_cache_root().name) if teacher_cache else None
     d = Distiller(copy.deepcopy(student), KD(T=s.T, gamma=s.ce_weight, alpha=s.kd_weight), ds, teachers=bank, cfg=cfg,
                   progress=False, teacher_logits=cache)
     d.setup()
@@ -384,7 +387,7 @@ def kdbook_contender(ds, teacher, student, s: PeerSetting,
         x = x.contiguous(memory_format=torch.channels_last) if d.channels_last else x
         with d._autocast(): return d.method.loss((x, y, None), d.forward(x), d.bank(x))["loss"]
     return PeerContender("kdbook", lambda: d.train_step(next(batches))["loss"], loss_on, d.student,
-                         lambda: next(batches)[:2], teacher_part, time.perf_counter() - t0 if teacher_cache else 0.0)
+                         lambda: next(batches)[:2], teacher_part, cache.meta["seconds"] if teacher_cache else 0.0)
 
 # %% ../nbs/30_bench.ipynb #peer0010
 def peer_step_functions(ds: ImageDataset | None = None, # default: `peer_data()`
