@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['softmax_t', 'log_softmax_t', 'check_temperature', 'check_choice', 'check_nonneg', 'check_finite', 'check_int',
-           'soft_cross_entropy', 'kd_loss', 'upcast', 'kd_logit_grad', 'logit_matching_loss', 'multi_teacher_kd_loss',
-           'ce_kd_loss', 'PairedComparison', 'mde_factor', 'paired_comparison', 'verdict_table']
+__all__ = ['RUN_SETTINGS', 'softmax_t', 'log_softmax_t', 'check_temperature', 'check_choice', 'check_nonneg', 'check_finite',
+           'check_int', 'soft_cross_entropy', 'kd_loss', 'upcast', 'kd_logit_grad', 'logit_matching_loss',
+           'multi_teacher_kd_loss', 'ce_kd_loss', 'PairedComparison', 'mde_factor', 'paired_comparison',
+           'verdict_table', 'env_full', 'RunSetting', 'book_setting']
 
 # %% ../nbs/00_core.ipynb #044979a5
 def softmax_t(logits: Tensor, # logits `[..., K]`
@@ -296,3 +297,44 @@ def verdict_table(rows, # {claim: PairedComparison} or [(claim, PairedComparison
     line = lambda row: "  ".join(x.ljust(w) if j in (0, 6) else x.rjust(w)
                                  for j, (x, w) in enumerate(zip(row, widths))).rstrip()
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in body])
+
+# %% ../nbs/00_core.ipynb #703a16c8
+import os
+from dataclasses import dataclass
+
+RUN_SETTINGS = ("test", "quick", "full")   # smallest to largest
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+def env_full() -> bool:
+    "Whether `KDBOOK_FULL` asks for the full experiments (1, true, yes, on); 0, false, no, off or unset: not."
+    value = os.environ.get("KDBOOK_FULL", "")
+    if value.strip().lower() in _YES: return True
+    if value.strip().lower() in _NO: return False
+    raise ValueError(f"KDBOOK_FULL must be 1 (the full experiments) or 0 (the quick ones), got {value!r}")
+
+@dataclass(frozen=True)
+class RunSetting:
+    "How much a chapter's live cells run: `test` (the test runner), `quick` (a reader's Run all) or `full` (the stored results)."
+    name: str   # one of RUN_SETTINGS
+
+    def __post_init__(self): check_choice("setting", self.name, RUN_SETTINGS)
+
+    def __call__(self, test, quick, full):
+        "The value of this setting among the three."
+        return {"test": test, "quick": quick, "full": full}[self.name]
+
+    @property
+    def full(self) -> bool: return self.name == "full"
+
+    def note(self, what: str = "") -> str:
+        "The line printed beside a result: which setting made it (`what`: its sizes), and, when not the full one, what the text discusses."
+        head = f"{self.name} setting" + (f": {what}" if what else "")
+        if self.name == "full": return head
+        return head + ". Not the numbers the text discusses: those are the full setting's (FULL = True, or KDBOOK_FULL=1)"
+
+def book_setting(full: bool = False, # the chapter's switch: True runs the full experiments
+                ) -> RunSetting:
+    "The chapter's setting: `test` under the test runner (`IN_TEST` set), `full` if `full` or `KDBOOK_FULL=1`, else `quick`."
+    if not isinstance(full, bool): raise TypeError(f"full must be True or False, got {full!r}")
+    if os.environ.get("IN_TEST"): return RunSetting("test")
+    return RunSetting("full" if full or env_full() else "quick")
