@@ -1,4 +1,4 @@
-"Execute a notebook in place with execnb (as nbdev's test runner does, but not under IN_TEST): `#| slow` and `#| gpu` cells are skipped, and so are the cells whose ids follow --skip, keeping their stored outputs. Usage: python tools/run_notebook.py nbs/10_aekd.ipynb [--skip ID ...]; then nbdev-clean."
+"Execute a notebook in place with execnb (as nbdev's test runner does, but not under IN_TEST), in the full setting (KDBOOK_FULL=1: the outputs a page stores; --quick for the quick one): `#| slow` and `#| gpu` cells are skipped, and so are the cells whose ids follow --skip, keeping their stored outputs. Usage: python tools/run_notebook.py nbs/10_aekd.ipynb [--skip ID ...] [--quick]; then nbdev-clean."
 import os, re, sys, argparse
 # plotly figures that draw on the site: each figure loads plotly.js itself (from the CDN). The default under execnb,
 # "notebook", leaves that to a one-off output embedding plotly.js (megabytes, stripped below), and a page without it
@@ -9,7 +9,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from strip_figure_mathjax import strip_outputs
 from static_widgets import static_outputs
 from execnb.shell import CaptureShell
-p = argparse.ArgumentParser(); p.add_argument("nb"); p.add_argument("--skip", nargs="*", default=[]); a = p.parse_args()
+p = argparse.ArgumentParser(); p.add_argument("nb"); p.add_argument("--skip", nargs="*", default=[])
+p.add_argument("--quick", action="store_true", help="the quick setting (a reader's Run all), not the stored full one")
+a = p.parse_args()
+if os.environ.get("IN_TEST"): sys.exit("IN_TEST is set: the test setting would be stored; unset it")
+os.environ["KDBOOK_FULL"] = "0" if a.quick else "1"   # read by each chapter's book_setting(FULL)
 path = os.path.abspath(a.nb); os.chdir(os.path.dirname(path))
 nb = read_nb(path)
 sh = CaptureShell(path=os.path.dirname(path))
