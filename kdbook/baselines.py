@@ -74,21 +74,30 @@ class AVER(MultiTeacherKD):
 def check_teacher_index(teacher, n_teachers: int | None = None) -> int:
     "`teacher` as an int index into the bank: >= 0 and, when `n_teachers` is known, below it."
     if isinstance(teacher, bool) or not isinstance(teacher, int) or teacher < 0:
-        raise ValueError(f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}")
+        raise ValueError(
+            f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}"
+        )
     if n_teachers is not None and teacher >= n_teachers:
-        raise ValueError(f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices are 0..{n_teachers - 1}")
+        raise ValueError(
+            f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices are 0..{n_teachers - 1}"
+        )
     return teacher
+
 
 @register_method
 class KD(MultiTeacherKD):
     "Hinton et al.'s KD from one teacher of the bank, the one at index `teacher`."
+
     name = "kd"
     paper = "Hinton et al., 2015: distil from one teacher's softened predictions"
     chapter = "baselines"
-    def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 1.0,
-                 teacher: int = 0):        # index of the teacher in the bank
+
+    def __init__(
+        self, T: float = 4.0, gamma: float = 1.0, alpha: float = 1.0, teacher: int = 0
+    ):  # index of the teacher in the bank
         super().__init__(T, gamma, alpha)
         self.teacher = check_teacher_index(teacher)
+
     def loss(self, batch, s, t):
         n = len(t.logits)
         logits = t.logits[check_teacher_index(self.teacher, n)]
@@ -116,8 +125,10 @@ class EBKD(MultiTeacherKD):
 def confidence_weights(ce: Tensor) -> Tensor:
     "CA-MKD weights `[M, B]` from per-teacher, per-sample cross-entropies: (1 − softmax_m(CE))/(M − 1)."
     M = ce.shape[0]
-    if M == 1: return torch.ones_like(ce)
+    if M == 1:
+        return torch.ones_like(ce)
     return (1 - F.softmax(ce, dim=0)) / (M - 1)
+
 
 def label_cross_entropy(t_logits: Tensor, y: Tensor) -> Tensor:
     "Per-teacher, per-sample cross-entropy `[M, B]` of logits `[M, B, C]` on labels `[B]`."
@@ -140,19 +151,28 @@ class FeatureRegressor(nn.Module):
 # %% ../nbs/04_baselines.ipynb #6b3e5196
 REGRESSORS = ("kdbook", "repdistiller")
 
+
 class RepDistillerRegressor(nn.Module):
     "RepDistiller's FitNet regressor: a strided, transposed or unpadded conv to the teacher's size; BN; ReLU."
+
     def __init__(self, c_in: int, c_out: int, size_in: tuple, size_out: tuple):
         super().__init__()
         (h, w), (ht, wt) = tuple(size_in), tuple(size_out)
-        if (h, w) == (2 * ht, 2 * wt): conv = nn.Conv2d(c_in, c_out, 3, 2, 1)
-        elif (2 * h, 2 * w) == (ht, wt): conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
-        elif h >= ht and w >= wt: conv = nn.Conv2d(c_in, c_out, (1 + h - ht, 1 + w - wt))
-        else: raise ValueError(f"size_in {(h, w)} and size_out {(ht, wt)}: RepDistiller's regressor needs "
-                               "the student's map at least as large as the teacher's, or half its size")
+        if (h, w) == (2 * ht, 2 * wt):
+            conv = nn.Conv2d(c_in, c_out, 3, 2, 1)
+        elif (2 * h, 2 * w) == (ht, wt):
+            conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
+        elif h >= ht and w >= wt:
+            conv = nn.Conv2d(c_in, c_out, (1 + h - ht, 1 + w - wt))
+        else:
+            raise ValueError(
+                f"size_in {(h, w)} and size_out {(ht, wt)}: RepDistiller's regressor needs "
+                "the student's map at least as large as the teacher's, or half its size"
+            )
         self.proj = nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
-    def forward(self, f: Tensor) -> Tensor: return self.proj(f)
+    def forward(self, f: Tensor) -> Tensor:
+        return self.proj(f)
 
 # %% ../nbs/04_baselines.ipynb #f056777c
 def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1,
@@ -170,8 +190,12 @@ def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1,
 # %% ../nbs/04_baselines.ipynb #711b708b
 class _FeatureMethod(MultiTeacherKD):
     "A multi-teacher method with one regressor per teacher on the student's feature map `layer`."
+
     teacher_feats = True
-    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=50.0, layer: int = -1, regressor: str = "kdbook"):
+
+    def __init__(
+        self, T=4.0, gamma=1.0, alpha=1.0, beta=50.0, layer: int = -1, regressor: str = "kdbook"
+    ):
         super().__init__(T, gamma, alpha, beta)
         self.layer = layer
         self.regressor = check_choice("regressor", regressor, REGRESSORS)
@@ -179,7 +203,9 @@ class _FeatureMethod(MultiTeacherKD):
 
     def setup(self, student, bank, batch):
         self.regressors = build_regressors(student, bank, batch, self.layer, self.regressor)
-        self.heads = [tm.head for tm in bank.teachers]   # plain list: the teachers are not this method's modules
+        self.heads = [
+            tm.head for tm in bank.teachers
+        ]  # plain list: the teachers are not this method's modules
 
     def regressed(self, s, t):
         fs = s.feats[self.layer]
@@ -189,14 +215,18 @@ class _FeatureMethod(MultiTeacherKD):
 @register_method
 class CAMKD(_FeatureMethod):
     "CA-MKD (Zhang et al. 2022): label-confidence weights on the KD terms and on a regressed-feature MSE."
+
     name = "camkd"
     paper = "Zhang et al., ICASSP 2022: confidence-aware teacher weights (CA-MKD)"
     chapter = "baselines"
-    def teacher_weights(self, s_logits, t_logits, y): return confidence_weights(label_cross_entropy(t_logits, y))
+
+    def teacher_weights(self, s_logits, t_logits, y):
+        return confidence_weights(label_cross_entropy(t_logits, y))
+
     def feature_loss(self, s, t, y):
         rs, fts = self.regressed(s, t)
-        o = torch.stack([upcast(head(r)) for head, r in zip(self.heads, rs)])          # [M, B, C]
-        w = confidence_weights(label_cross_entropy(o, y))                              # not detached
+        o = torch.stack([upcast(head(r)) for head, r in zip(self.heads, rs)])  # [M, B, C]
+        w = confidence_weights(label_cross_entropy(o, y))  # not detached
         mse = torch.stack([(r - ft).pow(2).flatten(1).mean(1) for r, ft in zip(rs, fts)])  # [M, B]
         return (w * mse).sum(0).mean()
 
@@ -204,11 +234,16 @@ class CAMKD(_FeatureMethod):
 @register_method
 class FitNetMKD(_FeatureMethod):
     "FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through per-teacher regressors."
+
     name = "fitnet"
     paper = "Romero et al., ICLR 2015 (FitNets hints), averaged over teachers"
     chapter = "baselines"
-    def __init__(self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1, regressor: str = "kdbook"):
+
+    def __init__(
+        self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1, regressor: str = "kdbook"
+    ):
         super().__init__(T, gamma, alpha, beta, layer, regressor)
+
     def feature_loss(self, s, t, y):
         rs, fts = self.regressed(s, t)
         return torch.stack([F.mse_loss(r, ft) for r, ft in zip(rs, fts)]).mean()

@@ -121,8 +121,12 @@ def kd_logit_grad(student_logits: Tensor, # student logits `[..., K]`
 # %% ../nbs/00_core.ipynb #c75d80fe
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     "$\\lVert z - v \\rVert^2 / (2K)$ per sample: the $T\\to\\infty$ limit of $T^2$·KD for zero-mean logits (Eq. 5)."
-    if teacher_logits.shape != student_logits.shape:   # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
-        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    if (
+        teacher_logits.shape != student_logits.shape
+    ):  # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
+        )
     return (student_logits - teacher_logits).pow(2).sum(-1) / (2 * student_logits.shape[-1])
 
 # %% ../nbs/00_core.ipynb #f4e2667a
@@ -149,8 +153,10 @@ def _check_weights(weights: Tensor, teacher_logits: Tensor, check_values: bool =
     "Weights `[M]` or `[M, *batch]`, broadcastable against the per-teacher losses `[M, *batch]`."
     M, batch = teacher_logits.shape[0], teacher_logits.shape[1:-1]
     if weights.shape not in ((M,), (M, *batch)):
-        raise ValueError(f"weights must have shape ({M},) (per teacher) or {(M, *batch)} (per teacher and sample), "
-                         f"got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape ({M},) (per teacher) or {(M, *batch)} (per teacher and sample), "
+            f"got {tuple(weights.shape)}"
+        )
     if check_values and (not torch.isfinite(weights).all() or (weights < 0).any()):
         raise ValueError(f"weights must be finite and >= 0, got {weights}")
     return weights.reshape(M, *([1] * len(batch))) if weights.dim() == 1 else weights
@@ -208,14 +214,18 @@ def mde_factor(n: int, # paired seeds, >= 2
 # %% ../nbs/00_core.ipynb #ev42728e
 def _check_runs(name: str, x) -> np.ndarray:
     "One method's per-seed results as a float64 vector; anything else is refused, naming `name`."
-    try: arr = np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a sequence of numbers, one per seed, got {x!r}") from e
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}"
+        )
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must hold finite numbers only, got {arr.tolist()}")
     return arr
+
 
 def _check_prob(name: str, value, low: float = 0.0) -> float:
     "A number strictly between `low` and 1, else a ValueError naming `name`."
@@ -223,10 +233,13 @@ def _check_prob(name: str, value, low: float = 0.0) -> float:
         raise ValueError(f"{name} must be a number in ({low:g}, 1), got {value!r}")
     return float(value)
 
+
 def _verdict(lo: float, hi: float, direction: int, n: int) -> str:
     "The one rule: the interval excludes 0 on the claimed side, on the other side, or not at all."
-    if direction * lo > 0 and direction * hi > 0: return "reproduces"
-    if direction * lo < 0 and direction * hi < 0: return "contradicted"
+    if direction * lo > 0 and direction * hi > 0:
+        return "reproduces"
+    if direction * lo < 0 and direction * hi < 0:
+        return "contradicted"
     return f"not resolved at {n} seeds"
 
 # %% ../nbs/00_core.ipynb #ev2662d5

@@ -124,17 +124,26 @@ def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module 
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 # %% ../nbs/05_explain.ipynb #08fb4091
-def grad_cam_loop(model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None) -> Tensor:
+def grad_cam_loop(
+    model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None
+) -> Tensor:
     "The same maps one image at a time, as captum's tutorials call `LayerGradCam` (the speed comparison's baseline)."
     from captum.attr import LayerAttribution, LayerGradCam
+
     x, t = _prepare(model, x, target)
     module = resolve_layer(model, layer)
     maps = []
     with _EvalMode(model):
         _check_maps(model, x, layer, module)
         for i in range(len(x)):
-            cam = LayerGradCam(_Logits(model), module).attribute(x[i:i + 1], target=int(t[i]), relu_attributions=True)
-            maps.append(LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0])
+            cam = LayerGradCam(_Logits(model), module).attribute(
+                x[i : i + 1], target=int(t[i]), relu_attributions=True
+            )
+            maps.append(
+                LayerAttribution.interpolate(
+                    cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear"
+                )[:, 0]
+            )
     return torch.cat(maps)
 
 # %% ../nbs/05_explain.ipynb #4f0652fe
@@ -260,20 +269,30 @@ def agreement_table(student_maps: Tensor, # the student's maps `[N, H, W]`
 # %% ../nbs/05_explain.ipynb #8f9655ca
 class KeepStudents:
     "A student factory for `run_study` that keeps every network it makes, so their maps can be drawn after the study."
-    def __init__(self, make): # a function returning a new student network
+
+    def __init__(self, make):  # a function returning a new student network
         self.make, self.nets = make, []
+
     def __call__(self) -> nn.Module:
         net = self.make()
         self.nets.append(net)
         return net
-    def __repr__(self) -> str: return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
+
+    def __repr__(self) -> str:
+        return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
 
     def by_run(self, study) -> dict:
         "'label/seed' -> the trained student of that run (run_study makes one net per run, in the order of `study.runs`); reused runs are left out, their nets were never trained."
         if len(self.nets) != len(study.runs):
-            raise ValueError(f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
-                             "use a new KeepStudents for each run_study")
-        return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] in ("ok", "diverged") and not r.get("reused")}
+            raise ValueError(
+                f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
+                "use a new KeepStudents for each run_study"
+            )
+        return {
+            k: net
+            for (k, r), net in zip(study.runs.items(), self.nets)
+            if r["status"] in ("ok", "diverged") and not r.get("reused")
+        }
 
 # %% ../nbs/05_explain.ipynb #c5ba2097
 def _finish(fig, widget: bool):

@@ -328,7 +328,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=conv.weight.requires_grad)
+        fused.bias = nn.Parameter(
+            (bias - bn.running_mean) * scale + bn.bias, requires_grad=conv.weight.requires_grad
+        )
     return fused
 
 # %% ../nbs/02_models.ipynb #39f00c53
@@ -431,12 +433,37 @@ def bench_teacher_bank(teachers: Sequence[nn.Module], # unfolded teachers
     return {"loop_s": loop_s, "bank_s": bank_s, "ratio": loop_s / bank_s, "n_teachers": len(plain), "batch": tuple(x.shape)}
 
 # %% ../nbs/02_models.ipynb #1706df67
-REPDISTILLER_CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)   # RepDistiller's dataset/cifar100.py (train and test)
+REPDISTILLER_CIFAR100_MEAN = (
+    0.5071,
+    0.4867,
+    0.4408,
+)  # RepDistiller's dataset/cifar100.py (train and test)
 REPDISTILLER_CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-PUBLIC_SOURCES = ("repdistiller", "mdistiller")   # mdistiller's CIFAR models: RepDistiller's names and shapes
-PUBLIC_ARCHS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-                "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11",
-                "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2")
+PUBLIC_SOURCES = (
+    "repdistiller",
+    "mdistiller",
+)  # mdistiller's CIFAR models: RepDistiller's names and shapes
+PUBLIC_ARCHS = (
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "MobileNetV2",
+    "ShuffleV1",
+    "ShuffleV2",
+)
 
 # %% ../nbs/02_models.ipynb #a37ce9c6
 def _conv_bn(unit: nn.Sequential) -> nn.Sequential:
@@ -464,19 +491,28 @@ def _resnet_names(m: ResNet):
         for b, block in enumerate(stage):
             yield from _numbered(f"layer{s}.{b}.", [block.conv1, block.conv2])
             if isinstance(block.shortcut, nn.Sequential):
-                yield from zip((f"layer{s}.{b}.downsample.0", f"layer{s}.{b}.downsample.1"), block.shortcut)
+                yield from zip(
+                    (f"layer{s}.{b}.downsample.0", f"layer{s}.{b}.downsample.1"), block.shortcut
+                )
     yield "fc", m.classifier
+
 
 def _wrn_names(m: WideResNet):
     yield "conv1", m.stages[0]
     for s, stage in enumerate(m.stages[1:4], 1):
         for b, block in enumerate(u for u in stage if isinstance(u, PreActBlock)):
             p = f"block{s}.layer.{b}."
-            yield from ((p + "bn1", block.preact[0]), (p + "conv1", block.conv1[0][0]),
-                        (p + "bn2", block.conv1[0][1]), (p + "conv2", block.conv2))
-            if block.shortcut is not None: yield p + "convShortcut", block.shortcut
-    yield "bn1", [u for u in m.stages[-1] if isinstance(u, nn.BatchNorm2d)][-1]   # split or not
+            yield from (
+                (p + "bn1", block.preact[0]),
+                (p + "conv1", block.conv1[0][0]),
+                (p + "bn2", block.conv1[0][1]),
+                (p + "conv2", block.conv2),
+            )
+            if block.shortcut is not None:
+                yield p + "convShortcut", block.shortcut
+    yield "bn1", [u for u in m.stages[-1] if isinstance(u, nn.BatchNorm2d)][-1]  # split or not
     yield "fc", m.classifier
+
 
 def _vgg_names(m: VGG):
     for s, stage in enumerate(m.stages):
@@ -532,20 +568,33 @@ def load_public_state_dict(path_or_state_dict) -> dict[str, Tensor]:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         try:
-            if path.suffix == ".safetensors": sd = load_safetensors(path)
-            else: sd = torch.load(path, "cpu", weights_only=True)
+            if path.suffix == ".safetensors":
+                sd = load_safetensors(path)
+            else:
+                sd = torch.load(path, "cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found is None: raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
-            raise ValueError(f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
-                             "(checkpoints are read with torch.load(weights_only=True) only)") from None
+            if found is None:
+                raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
+            raise ValueError(
+                f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
+                "(checkpoints are read with torch.load(weights_only=True) only)"
+            ) from None
         except (SafetensorError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    elif isinstance(src, Mapping): sd = src
-    else: raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping): sd = sd["model"]
-    if not isinstance(sd, Mapping): raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
-    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):   # saved from nn.DataParallel
+            raise ValueError(
+                f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})"
+            ) from None
+    elif isinstance(src, Mapping):
+        sd = src
+    else:
+        raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
+    if sd and all(
+        isinstance(k, str) and k.startswith("module.") for k in sd
+    ):  # saved from nn.DataParallel
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return dict(sd)
 
