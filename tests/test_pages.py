@@ -460,3 +460,59 @@ def test_signatures_do_not_name_main(nbdev_proc):
     "__future__ import annotations` first in every exported module) its signatures print the bare names."
     found = {name: m for name in sidebar_pages() if (m := main_types(_processed(nbdev_proc, name)))}
     assert not found, f"`__main__.` in show_doc signatures, per page: {found}"
+
+
+# ------------------------------------------------------------------------------------------------ code boxes
+# The site's code column, from Quarto's documented defaults (its page grid gives the body 800 px; Bootstrap's `pre`
+# has 1 rem of font at 0.875 em and Quarto pads the box by 0.4 em on each side), and `code-overflow` from
+# nbs/_quarto.yml: `scroll` (Quarto's default: a long line runs past the box) or `wrap`.
+BODY_PX, CODE_EM, PAD_EM = 800, 0.875, 0.4
+
+
+def shown_code_lines(stem: str) -> list:
+    "Every line of the page's shown code cells (not `#| export`, `#| hide` or `#| echo: false`), options removed."
+    lines = []
+    for c in json.loads((ROOT / "nbs" / f"{stem}.ipynb").read_text())["cells"]:
+        if c["cell_type"] != "code": continue
+        src = "".join(c["source"]).splitlines()
+        opts = [l.strip() for l in src if OPTION.match(l.strip()) or l.strip() in ("#| export", "#| hide")]
+        if any(o in ("#| export", "#| hide") or o.replace(" ", "") == "#|echo:false" for o in opts): continue
+        lines += [l for l in src if not l.strip().startswith("#|")]
+    return lines
+
+
+def code_overflow() -> str:
+    m = re.search(r"^\s*code-overflow:\s*(\w+)", (ROOT / "nbs" / "_quarto.yml").read_text(), flags=re.M)
+    return m[1] if m else "scroll"
+
+
+def test_no_code_line_runs_past_its_box(site):
+    """Chromium lays out every shown code line of every page in a box of the site's code column and counts the lines
+    that run past it (scrollWidth beyond the box); the box's width in characters goes to the report."""
+    import html as _html
+    wrap = code_overflow() == "wrap"
+    style = (f"body{{margin:0}} pre{{width:{BODY_PX}px;box-sizing:border-box;padding:{PAD_EM}em;margin:0 0 2px 0;"
+             f"font-family:SFMono-Regular,Menlo,Monaco,Consolas,'Liberation Mono','Courier New',monospace;"
+             f"font-size:{CODE_EM}rem;overflow-x:auto;white-space:{'pre-wrap' if wrap else 'pre'}}}")
+    pages = {p.replace(".ipynb", ""): shown_code_lines(p.replace(".ipynb", "")) for p in sidebar_pages()}
+    body = "".join(f'<pre data-page="{k}">{_html.escape(l) or " "}</pre>' for k, ls in pages.items() for l in ls)
+    probe = f'<pre id="probe" style="white-space:pre;width:auto;display:inline-block">{"x" * 100}</pre>'
+    out = Path(site["shots"]) / "code_lines.html"
+    out.write_text(f"<!doctype html><html><head><style>{style}</style></head><body>{probe}{body}</body></html>")
+    browser = site["browser"]
+    browser.open(out.as_uri())
+    r = browser.js("""(() => { const p = document.getElementById('probe');
+        const cs = getComputedStyle(p), pad = parseFloat(cs.paddingLeft) + parseFloat(cs.paddingRight);
+        const ch = (p.getBoundingClientRect().width - pad) / 100;
+        const boxes = [...document.querySelectorAll('pre[data-page]')];
+        const inner = boxes.length ? boxes[0].clientWidth - pad : 0;
+        const over = boxes.filter(b => b.scrollWidth > b.clientWidth + 1);
+        const wrapped = boxes.filter(b => b.getBoundingClientRect().height > 1.5 * parseFloat(cs.lineHeight || 20) + pad);
+        return {chars: Math.floor(inner / ch), n: boxes.length, over: over.map(b => b.dataset.page + ': ' + b.textContent.slice(0, 60)),
+                wrapped: wrapped.length}; })()""")
+    line = (f"code boxes: {r['chars']} characters wide at the site's column ({BODY_PX} px, code-overflow: "
+            f"{code_overflow()}); {r['n']} shown lines, {r['wrapped']} wrap, {len(r['over'])} run past the box")
+    with open(site["report"], "a") as f: f.write(line + "\n")
+    print(line)
+    assert r["n"] > 1000 and 60 < r["chars"] < 200, r
+    assert not r["over"], f"{len(r['over'])} shown code lines run past the code box: {r['over'][:10]}"
