@@ -1,7 +1,7 @@
 """A chapter a reader can run: one switch at its top (`FULL`, or `KDBOOK_FULL=1`) sizes every live cell through
 `RUN(test, quick, full)`, each chapter states how long "Run all" takes in both settings (under its title, in the README
 and on the index page), and one heavy chapter's quick "Run all" is timed the way a reader runs it."""
-import json, os, re, subprocess, sys, time
+import ast, json, os, re, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,6 @@ CHAPTERS = sorted(p.stem for p in NBS.glob("[0-9][0-9]_*.ipynb"))
 RUN_ALL = re.compile(r"^\*\*Run all\*\* on a 2-core CPU: quick setting about (\d+) min, full setting about (\d+) min\.$",
                      re.M)
 SWITCH = ("FULL = False", "RUN = book_setting(FULL)")
-SIZED_BY_IN_TEST = re.compile(r"\bif\s+(not\s+)?IN_TEST\s+else\b")
 QUICK_LIMIT_MIN = 5   # a reader's Run all in the quick setting, on a 2-core CPU
 TIMED = "05_explain"  # the chapter timed below: it trains teachers and students and explains them
 
@@ -44,7 +43,7 @@ def test_each_chapter_states_its_run_all_times(stem):
 @pytest.mark.parametrize("stem", CHAPTERS)
 def test_one_switch_sizes_every_live_cell(stem):
     code = [(i, source(c)) for i, c in enumerate(cells(stem)) if c["cell_type"] == "code"]
-    sized = [i for i, s in code if SIZED_BY_IN_TEST.search(s)]
+    sized = [i for i, s in code if any(_sizes_by_in_test(n) for n in ast.walk(_parse(s)))]
     assert not sized, f"{stem}: cells {sized} choose a size by IN_TEST; use RUN(test=..., quick=..., full=...)"
     for i, s in code:
         assert not re.search(r"^\s*IN_TEST\s*=(?!\s*RUN\.name == \"test\")", s, re.M), \
@@ -55,8 +54,30 @@ def test_one_switch_sizes_every_live_cell(stem):
     assert len(switch) == 1, f"{stem}: {len(switch)} switch cells (one shown cell: {SWITCH[0]!r} ... {SWITCH[1]!r})"
     assert switch[0] <= min(users), f"{stem}: cell {min(users)} uses RUN before the switch (cell {switch[0]})"
     assert not source(cells(stem)[switch[0]]).startswith("#|"), f"{stem}: the switch cell must be shown"
-    quick, full = stated_times(stem)
-    assert quick < full, f"{stem} sizes cells by RUN, yet states the same time ({quick} min) for both settings"
+    calls = [n for _, s in code for n in ast.walk(_parse(s)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "RUN"]
+    for c in calls:
+        assert sorted(k.arg for k in c.keywords) == ["full", "quick", "test"] and not c.args, \
+            f"{stem}: {ast.unparse(c)[:120]}: RUN takes test=, quick= and full="
+    smaller = [c for c in calls if ast.dump(_kw(c, "quick")) != ast.dump(_kw(c, "full"))]
+    assert smaller, f"{stem}: every RUN(...) gives the quick setting the full one's value: the switch changes nothing"
+
+
+def _parse(src: str) -> ast.AST:
+    "A cell's source as Python (IPython's `%` and `!` lines left out)."
+    return ast.parse("\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!"))))
+
+
+def _sizes_by_in_test(node: ast.AST) -> bool:
+    "`a if IN_TEST else b` (or `if not IN_TEST`), unless a branch is `type(x).__name__` (a widget shown by name under test)."
+    if not isinstance(node, ast.IfExp): return False
+    t = node.test.operand if isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not) else node.test
+    if not (isinstance(t, ast.Name) and t.id == "IN_TEST"): return False
+    return not any(isinstance(b, ast.Attribute) and b.attr == "__name__" for b in (node.body, node.orelse))
+
+
+def _kw(call: ast.Call, name: str) -> ast.AST:
+    return next(k.value for k in call.keywords if k.arg == name)
 
 
 def table_rows(text: str, stem: str, pattern: str) -> list:
