@@ -74,30 +74,21 @@ class AVER(MultiTeacherKD):
 def check_teacher_index(teacher, n_teachers: int | None = None) -> int:
     "`teacher` as an int index into the bank: >= 0 and, when `n_teachers` is known, below it."
     if isinstance(teacher, bool) or not isinstance(teacher, int) or teacher < 0:
-        raise ValueError(
-            f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}"
-        )
+        raise ValueError(f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}")
     if n_teachers is not None and teacher >= n_teachers:
-        raise ValueError(
-            f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices are 0..{n_teachers - 1}"
-        )
+        raise ValueError(f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices are 0..{n_teachers - 1}")
     return teacher
-
 
 @register_method
 class KD(MultiTeacherKD):
     "Hinton et al.'s KD from one teacher of the bank, the one at index `teacher`."
-
     name = "kd"
     paper = "Hinton et al., 2015: distil from one teacher's softened predictions"
     chapter = "baselines"
-
-    def __init__(
-        self, T: float = 4.0, gamma: float = 1.0, alpha: float = 1.0, teacher: int = 0
-    ):  # index of the teacher in the bank
+    def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 1.0,
+                 teacher: int = 0):        # index of the teacher in the bank
         super().__init__(T, gamma, alpha)
         self.teacher = check_teacher_index(teacher)
-
     def loss(self, batch, s, t):
         n = len(t.logits)
         logits = t.logits[check_teacher_index(self.teacher, n)]

@@ -121,12 +121,8 @@ def kd_logit_grad(student_logits: Tensor, # student logits `[..., K]`
 # %% ../nbs/00_core.ipynb #c75d80fe
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     "$\\lVert z - v \\rVert^2 / (2K)$ per sample: the $T\\to\\infty$ limit of $T^2$·KD for zero-mean logits (Eq. 5)."
-    if (
-        teacher_logits.shape != student_logits.shape
-    ):  # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
-        raise ValueError(
-            f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
-        )
+    if teacher_logits.shape != student_logits.shape:   # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
+        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     return (student_logits - teacher_logits).pow(2).sum(-1) / (2 * student_logits.shape[-1])
 
 # %% ../nbs/00_core.ipynb #f4e2667a

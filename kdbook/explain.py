@@ -269,30 +269,20 @@ def agreement_table(student_maps: Tensor, # the student's maps `[N, H, W]`
 # %% ../nbs/05_explain.ipynb #8f9655ca
 class KeepStudents:
     "A student factory for `run_study` that keeps every network it makes, so their maps can be drawn after the study."
-
-    def __init__(self, make):  # a function returning a new student network
+    def __init__(self, make): # a function returning a new student network
         self.make, self.nets = make, []
-
     def __call__(self) -> nn.Module:
         net = self.make()
         self.nets.append(net)
         return net
-
-    def __repr__(self) -> str:
-        return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
+    def __repr__(self) -> str: return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
 
     def by_run(self, study) -> dict:
         "'label/seed' -> the trained student of that run (run_study makes one net per run, in the order of `study.runs`); reused runs are left out, their nets were never trained."
         if len(self.nets) != len(study.runs):
-            raise ValueError(
-                f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
-                "use a new KeepStudents for each run_study"
-            )
-        return {
-            k: net
-            for (k, r), net in zip(study.runs.items(), self.nets)
-            if r["status"] in ("ok", "diverged") and not r.get("reused")
-        }
+            raise ValueError(f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
+                             "use a new KeepStudents for each run_study")
+        return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] in ("ok", "diverged") and not r.get("reused")}
 
 # %% ../nbs/05_explain.ipynb #c5ba2097
 def _finish(fig, widget: bool):

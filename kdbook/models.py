@@ -568,33 +568,20 @@ def load_public_state_dict(path_or_state_dict) -> dict[str, Tensor]:
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         try:
-            if path.suffix == ".safetensors":
-                sd = load_safetensors(path)
-            else:
-                sd = torch.load(path, "cpu", weights_only=True)
+            if path.suffix == ".safetensors": sd = load_safetensors(path)
+            else: sd = torch.load(path, "cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found is None:
-                raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
-            raise ValueError(
-                f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
-                "(checkpoints are read with torch.load(weights_only=True) only)"
-            ) from None
+            if found is None: raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
+            raise ValueError(f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
+                             "(checkpoints are read with torch.load(weights_only=True) only)") from None
         except (SafetensorError, RuntimeError, EOFError) as e:
-            raise ValueError(
-                f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})"
-            ) from None
-    elif isinstance(src, Mapping):
-        sd = src
-    else:
-        raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
-    if sd and all(
-        isinstance(k, str) and k.startswith("module.") for k in sd
-    ):  # saved from nn.DataParallel
+            raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    elif isinstance(src, Mapping): sd = src
+    else: raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping): sd = sd["model"]
+    if not isinstance(sd, Mapping): raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):   # saved from nn.DataParallel
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return dict(sd)
 
