@@ -15,7 +15,7 @@ from torch import Tensor
 __all__ = ['RUN_SETTINGS', 'softmax_t', 'log_softmax_t', 'check_temperature', 'check_choice', 'check_nonneg', 'check_finite',
            'check_int', 'soft_cross_entropy', 'kd_loss', 'upcast', 'kd_logit_grad', 'logit_matching_loss',
            'multi_teacher_kd_loss', 'ce_kd_loss', 'PairedComparison', 'mde_factor', 'paired_comparison',
-           'verdict_table', 'env_full', 'RunSetting', 'book_setting']
+           'verdict_table', 'env_full', 'RunSetting', 'book_setting', 'gpu_here']
 
 # %% ../nbs/00_core.ipynb #044979a5
 def softmax_t(logits: Tensor, # logits `[..., K]`
@@ -341,9 +341,21 @@ class RunSetting:
         if self.name == "full": return head
         return head + ". Not the numbers the text discusses: those are the full setting's (FULL = True, or KDBOOK_FULL=1)"
 
+    def only_full(self, what: str) -> bool:
+        "True in the full setting; else prints that `what` is left to it (a `#| slow` cell in a reader's Run all)."
+        if self.full: return True
+        print(f"{what}: not run in the {self.name} setting (FULL = True, or KDBOOK_FULL=1, runs it)")
+        return False
+
 def book_setting(full: bool = False, # the chapter's switch: True runs the full experiments
                 ) -> RunSetting:
     "The chapter's setting: `test` under the test runner (`IN_TEST` set), `full` if `full` or `KDBOOK_FULL=1`, else `quick`."
     if not isinstance(full, bool): raise TypeError(f"full must be True or False, got {full!r}")
     if os.environ.get("IN_TEST"): return RunSetting("test")
     return RunSetting("full" if full or env_full() else "quick")
+
+def gpu_here(what: str = "this cell") -> bool:
+    "Whether a CUDA GPU is here; if not, prints that `what` needs one (a `#| gpu` cell in a reader's Run all)."
+    if torch.cuda.is_available(): return True
+    print(f"{what}: not run, it needs a CUDA GPU and none is here")
+    return False

@@ -118,3 +118,18 @@ def test_a_heavy_chapter_runs_all_within_its_stated_time(timed_run):
     text = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", []))
     assert "quick setting" in text and "Not the numbers the text discusses" in text, \
         f"{TIMED}'s quick run does not say that its numbers are the quick setting's"
+
+
+@pytest.mark.parametrize("stem", CHAPTERS)
+def test_slow_and_gpu_cells_pass_over_in_a_readers_run_all(stem):
+    """A reader's Run all runs `#| slow` and `#| gpu` cells too (only the test runner skips them): each is guarded,
+    `if RUN.only_full(...)` (the full setting only) or `if gpu_here(...)` (a CUDA GPU only), and says why it did not run."""
+    for i, c in enumerate(cells(stem)):
+        if c["cell_type"] != "code": continue
+        lines = source(c).splitlines()
+        opts = [l.strip() for l in lines if l.startswith("#|")]
+        body = [l for l in lines if not l.startswith("#|") and l.strip()]
+        if "#| slow" in opts:
+            assert body and body[0].startswith("if RUN.only_full("), f"{stem}, cell {i}: a slow cell not guarded"
+        if "#| gpu" in opts:
+            assert body and body[0].startswith("if gpu_here("), f"{stem}, cell {i}: a GPU cell not guarded"
