@@ -56,36 +56,46 @@ def mmd(x: Tensor,                # samples `[n, d]` (or `[..., n, d]`: a batch 
     return off(kxx, n) + off(kyy, m) - 2 * kxy.mean((-1, -2))
 
 # %% ../nbs/12_cfl.ipynb #014745bc
-def mmd_permutation_test(x: Tensor, y: Tensor, sigmas=SIGMAS, n_perm: int = 200, generator=None) -> float:
-    "p-value of the two-sample test H0: x and y come from one distribution, with the biased MMD² as statistic."
+def mmd_permutation_test(x: Tensor, y: Tensor, sigmas=SIGMAS, n_perm: int = 200,
+                         generator=None) -> float:
+    ("p-value of the two-sample test H0: x and y come from one distribution, with the biased MMD² "
+     "as statistic.")
     z, n = torch.cat([x, y]), len(x)
     observed = mmd(x, y, sigmas)
-    perms = torch.stack([torch.randperm(len(z), generator=generator) for _ in range(n_perm)])   # [P, n + m]
-    zz = z[perms]                                                                                # batched: all at once
+    # [P, n + m]
+    perms = torch.stack([torch.randperm(len(z), generator=generator) for _ in range(n_perm)])
+    zz = z[perms]  # batched: all at once
     stats = mmd(zz[:, :n], zz[:, n:], sigmas)
     return float(((stats >= observed).sum() + 1) / (n_perm + 1))
 
 # %% ../nbs/12_cfl.ipynb #faea5a83
 def check_tasks(tasks, n_classes: int) -> list:
-    "The class groups as int64 tensors, if they are disjoint, each of ≥ 2 classes, and cover 0..n_classes-1; else a ValueError naming the problem."
+    ("The class groups as int64 tensors, if they are disjoint, each of ≥ 2 classes, and cover "
+     "0..n_classes-1; else a ValueError naming the problem.")
     tasks = [torch.as_tensor(t, dtype=torch.int64).flatten().cpu() for t in tasks]
     if len(tasks) < 2: raise ValueError(f"amalgamation needs at least 2 experts, got {len(tasks)}")
     seen = {}
     for m, t in enumerate(tasks):
-        if len(t) < 2: raise ValueError(f"expert {m} has {len(t)} class(es); an expert classifies, so it needs at least 2")
+        if len(t) < 2: raise ValueError(f"expert {m} has {len(t)} class(es); an expert classifies, "
+                                        "so it needs at least 2")
         for c in t.tolist():
-            if not 0 <= c < n_classes: raise ValueError(f"expert {m} names class {c}, outside 0..{n_classes - 1}")
-            if c in seen: raise ValueError(f"class {c} belongs to expert {seen[c]} and to expert {m}: the groups must not overlap")
+            if not 0 <= c < n_classes: raise ValueError(f"expert {m} names class {c}, outside "
+                                                        f"0..{n_classes - 1}")
+            if c in seen: raise ValueError(f"class {c} belongs to expert {seen[c]} and to expert "
+                                           f"{m}: the groups must not overlap")
             seen[c] = m
     missing = sorted(set(range(n_classes)) - set(seen))
-    if missing: raise ValueError(f"classes {missing} belong to no expert: the groups must cover all {n_classes} classes")
+    if missing: raise ValueError(f"classes {missing} belong to no expert: the groups must cover "
+                                 f"all {n_classes} classes")
     return tasks
 
 def check_expert_outputs(sizes, tasks) -> None:
     "Each expert's output size must be its group's size."
-    if len(sizes) != len(tasks): raise ValueError(f"{len(sizes)} teachers for {len(tasks)} class groups")
+    if len(sizes) != len(tasks): raise ValueError(f"{len(sizes)} teachers for {len(tasks)} class "
+                                                  "groups")
     for m, (k, t) in enumerate(zip(sizes, tasks)):
-        if k != len(t): raise ValueError(f"teacher {m} has {k} outputs but its class group has {len(t)} classes: {t.tolist()}")
+        if k != len(t): raise ValueError(f"teacher {m} has {k} outputs but its class group has "
+                                         f"{len(t)} classes: {t.tolist()}")
 
 def _relabel(split: Split, classes: Tensor, n_classes: int) -> Split:
     local = torch.full((n_classes,), -1, dtype=torch.int64)
@@ -95,7 +105,8 @@ def _relabel(split: Split, classes: Tensor, n_classes: int) -> Split:
 
 @dataclass
 class Amalgamation:
-    "N experts over disjoint class groups that cover `data`'s classes: the setting of chapters 12 and 13."
+    ("N experts over disjoint class groups that cover `data`'s classes: the setting of chapters 12 "
+     "and 13.")
     data: ImageDataset
     tasks: list   # global class ids of each expert, int64 tensors
 
@@ -105,21 +116,27 @@ class Amalgamation:
     def split(cls, data: ImageDataset, n_experts: int, seed: int = 0) -> "Amalgamation":
         "Groups from a seeded permutation of the classes, as even as possible."
         K = data.n_classes
-        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or not 2 <= n_experts <= K // 2:
-            raise ValueError(f"n_experts must be an int from 2 to {K // 2} ({K} classes, at least 2 per expert), got {n_experts!r}")
+        if isinstance(n_experts, bool) or not isinstance(n_experts,
+                                                         int) or not 2 <= n_experts <= K // 2:
+            raise ValueError(f"n_experts must be an int from 2 to {K // 2} ({K} classes, at least "
+                             f"2 per expert), got {n_experts!r}")
         perm = torch.randperm(K, generator=torch.Generator().manual_seed(seed))
         return cls(data, [t.sort().values for t in torch.tensor_split(perm, n_experts)])
 
     def expert_data(self, m: int) -> ImageDataset:
         "Expert m's dataset: the samples of its classes, relabelled 0..k-1."
         d, c = self.data, self.tasks[m]
-        return ImageDataset(f"{d.name}:expert{c.tolist()}", _relabel(d.train, c, d.n_classes), _relabel(d.test, c, d.n_classes),
-                            [d.classes[i] for i in c.tolist()], d.mean, d.std, d.pad, d.flip, d.source)
+        return ImageDataset(f"{d.name}:expert{c.tolist()}", _relabel(d.train, c, d.n_classes),
+                            _relabel(d.test, c, d.n_classes),
+                            [d.classes[i] for i in c.tolist()], d.mean, d.std, d.pad, d.flip,
+                            d.source)
 
     def train_experts(self, archs, cfg: TrainConfig | None = None, **kw) -> list:
-        "One expert per group (architectures cycled through `archs`), trained on its own classes or loaded from the cache."
+        ("One expert per group (architectures cycled through `archs`), trained on its own classes "
+         "or loaded from the cache.")
         archs = [archs] if isinstance(archs, str) else list(archs)
-        return [train_teachers(archs[m % len(archs)], self.expert_data(m), seeds=[m], cfg=cfg, **kw)[0] for m in range(len(self.tasks))]
+        return [train_teachers(archs[m % len(archs)], self.expert_data(m), seeds=[m], cfg=cfg,
+                               **kw)[0] for m in range(len(self.tasks))]
 
 def union_logits(t_logits, tasks) -> Tensor:
     "The experts' logits placed at their global classes: the concatenation `[B, K]` over the union."
@@ -131,23 +148,28 @@ def union_logits(t_logits, tasks) -> Tensor:
 
 # %% ../nbs/12_cfl.ipynb #145c2ecb
 class Amalgamating(Method):
-    "A student over the union of the experts' classes, trained on their concatenated soft target (not registered)."
+    ("A student over the union of the experts' classes, trained on their concatenated soft target "
+     "(not registered).")
     name = "amalgamating"
     chapter = "cfl"
     needs_teachers = True
-    amalgamation = True    # works with experts over different class groups (`kdbook run --experts N`)
+    amalgamation = True  # works with experts over different class groups (`kdbook run --experts N`)
 
-    def __init__(self, T: float = 1.0,     # temperature of the concatenated soft target (1 in the public code)
-                 gamma: float = 0.0):      # weight of the labels' cross-entropy (0: label-free, as CFL)
+    def __init__(self,
+        T: float = 1.0,     # temperature of the concatenated soft target (1 in the public code)
+                 gamma: float = 0.0):  # weight of the labels' cross-entropy (0: label-free, as CFL)
         super().__init__()
         self.T, self.gamma = check_temperature(T), check_nonneg("gamma", gamma)
 
     def prepare(self, learner):
-        "The experts' class groups from the run's `tasks`, checked against the dataset and the experts' output sizes."
+        ("The experts' class groups from the run's `tasks`, checked against the dataset and the "
+         "experts' output sizes.")
         if not learner.tasks:
-            raise ValueError(f"method {self.name!r} amalgamates experts over class groups: run it with tasks= "
+            raise ValueError(f"method {self.name!r} amalgamates experts over class groups: run it "
+                             "with tasks= "
                              "(run_study(..., tasks=amalgamation.tasks) or kdbook run --experts N)")
-        self._tasks = [t.to(learner.device) for t in check_tasks(learner.tasks, learner.data.n_classes)]
+        self._tasks = [t.to(learner.device) for t in check_tasks(learner.tasks,
+                                                                 learner.data.n_classes)]
         check_expert_outputs(learner.bank.num_classes, self._tasks)
 
     def soft_loss(self, s: ModelOut, t) -> Tensor:
@@ -159,14 +181,17 @@ class Amalgamating(Method):
         out = {"soft": self.soft_loss(s, t)}
         loss = out["soft"]
         if self.gamma > 0:
-            out["ce"] = F.cross_entropy(upcast(s.logits), batch[1]); loss = loss + self.gamma * out["ce"]
+            out["ce"] = F.cross_entropy(upcast(s.logits),
+                                        batch[1]); loss = loss + self.gamma * out["ce"]
         return {"loss": loss, **out}
 
 @register_method
 class KA(Amalgamating):
-    "Knowledge amalgamation: the student imitates the softmax of the experts' concatenated logits (optionally from one expert only)."
+    ("Knowledge amalgamation: the student imitates the softmax of the experts' concatenated logits "
+     "(optionally from one expert only).")
     name = "ka"
-    paper = "knowledge amalgamation from the experts' concatenated soft targets (the KD baseline of the CFL code)"
+    paper = ("knowledge amalgamation from the experts' concatenated soft targets (the KD baseline "
+             "of the CFL code)")
     def __init__(self, T: float = 1.0, gamma: float = 0.0,
                  only: int = -1):   # -1: all experts; m: expert m alone, over its own classes
         super().__init__(T, gamma)
@@ -177,7 +202,8 @@ class KA(Amalgamating):
         if self.only < 0: return super().soft_loss(s, t)
         cls = self._tasks[check_teacher_index(self.only, len(self._tasks))]
         q = F.softmax(upcast(t.logits[self.only]) / self.T, -1)
-        return -(q * F.log_softmax(upcast(s.logits[:, cls]) / self.T, -1)).sum(-1).mean() * self.T ** 2
+        return -(q * F.log_softmax(upcast(s.logits[:, cls]) / self.T,
+                                   -1)).sum(-1).mean() * self.T ** 2
 
 # %% ../nbs/12_cfl.ipynb #1d881e3c
 SPACES = ("common", "direct", "random")
@@ -269,29 +295,37 @@ class CFL(Amalgamating):
 
 # %% ../nbs/12_cfl.ipynb #9713612b
 def public_mmd(x: Tensor, y: Tensor, sigmas=SIGMAS) -> Tensor:
-    "The public code's loss/mmd.py, restated: one kernel at a time, biased estimate on equal batch sizes, clamped at 0."
+    ("The public code's loss/mmd.py, restated: one kernel at a time, biased estimate on equal "
+     "batch sizes, clamped at 0.")
     xx, yy, xy = x @ x.T, y @ y.T, x @ y.T
     rx, ry = xx.diag().unsqueeze(0).expand_as(xx), yy.diag().unsqueeze(0).expand_as(yy)
     dxx, dyy, dxy = rx.T + rx - 2 * xx, ry.T + ry - 2 * yy, rx.T + ry - 2 * xy
     K = L = P = 0.0
     for s in sigmas:
         a = 1.0 / (2 * s * s)
-        K, L, P = K + torch.exp(-a * dxx.clamp(min=1e-12)), L + torch.exp(-a * dyy.clamp(min=1e-12)), P + torch.exp(-a * dxy.clamp(min=1e-12))
+        K, L, P = (K + torch.exp(-a * dxx.clamp(min=1e-12)),
+                   L + torch.exp(-a * dyy.clamp(min=1e-12)),
+                   P + torch.exp(-a * dxy.clamp(min=1e-12)))
     n = x.shape[0]
     return F.relu((K.sum() + L.sum()) / (n * n) - 2 * P.sum() / (n * n))
 
 # %% ../nbs/12_cfl.ipynb #3ecca3bd
-def cfl_speed(n_experts: int = 5, batch: int = 64, dim: int = 128 * 7 * 7, reps: int = 20, device: str = "cpu") -> dict:
-    "Seconds for the N MMD² terms of a CFL step (forward + backward): one batched `mmd` call vs the public code's loops over experts and kernels."
+def cfl_speed(n_experts: int = 5, batch: int = 64, dim: int = 128 * 7 * 7, reps: int = 20,
+              device: str = "cpu") -> dict:
+    ("Seconds for the N MMD² terms of a CFL step (forward + backward): one batched `mmd` call vs "
+     "the public code's loops over experts and kernels.")
     g = torch.Generator().manual_seed(0)
     hs = F.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device).requires_grad_()
     ht = F.normalize(torch.randn(n_experts, batch, dim, generator=g), dim=-1).to(device)
     ours = lambda: mmd(hs.expand_as(ht), ht).sum().backward()
     loop = lambda: sum(public_mmd(hs, h) for h in ht).backward()
-    with torch.no_grad():   # the same value, compared in float64 (float32 round-off moves the public code's narrow kernels)
-        diff = float((mmd(hs.double().expand(ht.shape), ht.double()).sum() - sum(public_mmd(hs.double(), h.double()) for h in ht)).abs())
+    # the same value, compared in float64 (float32 round-off moves the public code's narrow kernels)
+    with torch.no_grad():
+        diff = float((mmd(hs.double().expand(ht.shape),
+            ht.double()).sum() - sum(public_mmd(hs.double(), h.double()) for h in ht)).abs())
     t_ours, t_loop = median_times([ours, loop], reps, warmup=2, device=device)
-    return {"n_experts": n_experts, "batch": batch, "dim": dim, "t_batched": t_ours, "t_loop": t_loop, "ratio": t_loop / t_ours, "max_diff": diff}
+    return {"n_experts": n_experts, "batch": batch, "dim": dim, "t_batched": t_ours,
+            "t_loop": t_loop, "ratio": t_loop / t_ours, "max_diff": diff}
 
 # %% ../nbs/12_cfl.ipynb #e6534b97
 PAPER_RESULTS = {   # VainF/CommonFeatureLearning README: CUB-200 + Stanford Dogs, accuracy over the union (320 classes)

@@ -34,29 +34,35 @@ def log_expert_likelihood(expert_logits: Tensor, # each expert's logits `[B, K, 
                          ) -> Tensor:
     "log P(y_i | Y^T = k, x_i) for every expert k: `[B, K]` (dense: the experts' logits are given)."
     B, K, _ = expert_logits.shape
-    return F.log_softmax(upcast(expert_logits), -1).gather(-1, y.view(B, 1, 1).expand(B, K, 1)).squeeze(-1)
+    return F.log_softmax(upcast(expert_logits), -1).gather(-1,
+        y.view(B, 1, 1).expand(B, K, 1)).squeeze(-1)
 
-def mixture_log_likelihood(gate_logits: Tensor,   # the gate's logits `[B, K]`: P(Y^T = k | x) = softmax_k
+def mixture_log_likelihood(gate_logits: Tensor,   # the gate's logits `[B, K]`: P(Y^T = k | x) ∝ exp
                            expert_logits: Tensor, # each expert's logits `[B, K, C]`
                            y: Tensor,             # labels `[B]`
                           ) -> Tensor:
     "Eq. 4: log Σ_k P(y | k, x) P(k | x) per sample, `[B]`."
-    return torch.logsumexp(F.log_softmax(upcast(gate_logits), -1) + log_expert_likelihood(expert_logits, y), -1)
+    return torch.logsumexp(F.log_softmax(upcast(gate_logits),
+                                         -1) + log_expert_likelihood(expert_logits, y), -1)
 
 # %% ../nbs/11_moekd.ipynb #1e7f7cdb
 class Bottleneck(nn.Module):
-    "𝒢 (Eq. 5): a student feature map to the teacher's feature space: 1×1, 3×3, 1×1 convolutions (BN, ReLU each), then global pooling."
+    ("𝒢 (Eq. 5): a student feature map to the teacher's feature space: 1×1, 3×3, 1×1 convolutions "
+     "(BN, ReLU each), then global pooling.")
     def __init__(self, c_in: int,      # channels of the student's last feature map
                  c_out: int,           # the teacher's feature dimension d_T
                  factor: int = 2):     # the middle width is c_out // factor (SimKD's choice)
         super().__init__()
         mid = max(1, c_out // factor)
-        self.body = nn.Sequential(conv_bn_relu(c_in, mid, 1), conv_bn_relu(mid, mid, 3), conv_bn_relu(mid, c_out, 1))
+        self.body = nn.Sequential(conv_bn_relu(c_in, mid, 1), conv_bn_relu(mid, mid, 3),
+                                  conv_bn_relu(mid, c_out, 1))
     def forward(self, fmap: Tensor) -> Tensor: return global_pool(self.body(fmap))
 
 def prototype_mlp(d_teacher: int, d_student: int) -> nn.Sequential:
-    "Ψ (Eq. 7): a two-layer MLP from the teacher's feature space to the student's (hidden width d_T)."
-    return nn.Sequential(nn.Linear(d_teacher, d_teacher), nn.ReLU(), nn.Linear(d_teacher, d_student))
+    ("Ψ (Eq. 7): a two-layer MLP from the teacher's feature space to the student's (hidden width "
+     "d_T).")
+    return nn.Sequential(nn.Linear(d_teacher, d_teacher), nn.ReLU(),
+                         nn.Linear(d_teacher, d_student))
 
 def teacher_probs(teacher_logits: Tensor, # the teacher's logits `[N, K]`
                   tau: float = 4.0,       # τ, Eq. 8's temperature
@@ -71,17 +77,19 @@ def class_prototypes(probs: Tensor,  # P^T(k | x_i), `[N, K]`
                      feats: Tensor,  # the teacher's features z^T_i, `[N, d]`
                      sync: bool = False, # under DDP: both sums over the global batch (all-reduced)
                     ) -> Tensor:
-    "Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is assigned to gets μ_k = 0)."
+    ("Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is assigned "
+     "to gets μ_k = 0).")
     num, den = probs.T @ feats, probs.sum(0)
     if sync: num, den = all_reduce(num, "sum"), all_reduce(den, "sum")
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1)
 
 def dataset_prototypes(teachers,          # frozen teachers returning `ModelOut`
-                       loader,            # batches `(x, y, idx)` of the whole training set, un-augmented
+                       loader,  # batches `(x, y, idx)` of the whole training set, un-augmented
                        tau: float,        # τ of Eq. 8
                        hard: bool = False # hard aggregation (ablation iv)
                       ) -> list:
-    "Eq. 7 over a whole dataset for each teacher, in one streamed pass: Σ_i P^T(k|x_i) z^T_i and Σ_j P^T(k|x_j) summed batch by batch."
+    ("Eq. 7 over a whole dataset for each teacher, in one streamed pass: Σ_i P^T(k|x_i) z^T_i and "
+     "Σ_j P^T(k|x_j) summed batch by batch.")
     sums = [[0, 0] for _ in teachers]
     with torch.no_grad():
         for x, _, _ in loader:
@@ -115,14 +123,17 @@ def elbo(gate_logits: Tensor,   # the gate's logits `[B, K]`
 
 # %% ../nbs/11_moekd.ipynb #4362cd08
 def mixture_scores(gate_logits: Tensor, expert_logits: Tensor) -> Tensor:
-    "log P(y | x) = log Σ_j P(j | x) P(y | j, x) for every class y, `[B, C]` (dense); its argmax is the prediction."
-    return torch.logsumexp(_log_gate(gate_logits).unsqueeze(-1) + F.log_softmax(upcast(expert_logits), -1), 1)
+    ("log P(y | x) = log Σ_j P(j | x) P(y | j, x) for every class y, `[B, C]` (dense); its argmax "
+     "is the prediction.")
+    log_gate = _log_gate(gate_logits).unsqueeze(-1)
+    return torch.logsumexp(log_gate + F.log_softmax(upcast(expert_logits), -1), 1)
 
 # %% ../nbs/11_moekd.ipynb #2971df72
 def log_matmul_exp(a: Tensor, # `[B, K]`
                    b: Tensor, # `[K, C]`
                   ) -> Tensor:
-    "log Σ_k exp(a_ik + b_kc), `[B, C]`, as one stabilised matrix product; entries that underflow are recomputed exactly."
+    ("log Σ_k exp(a_ik + b_kc), `[B, C]`, as one stabilised matrix product; entries that underflow "
+     "are recomputed exactly.")
     a, b = upcast(a), upcast(b)
     with torch.autocast(a.device.type, enabled=False):
         ma, mb = a.amax(1, keepdim=True).detach(), b.amax(0, keepdim=True).detach()
@@ -135,11 +146,12 @@ def log_matmul_exp(a: Tensor, # `[B, K]`
             out = out.index_put((i, c), torch.logsumexp(a[i] + b[:, c].T, -1))
     return out
 
-def shared_expert_log_likelihood(s: Tensor, # the student's logits W^T z `[B, C]` (shared by all experts)
+def shared_expert_log_likelihood(s: Tensor, # the student's logits W^T z `[B, C]` (all experts')
                                  b: Tensor, # the experts' biases b_k = W^T e_k, `[K, C]`
                                  y: Tensor, # labels `[B]`
                                 ) -> Tensor:
-    "log P(y_i | k, x_i) for experts with logits s + b_k (Eq. 6), `[B, K]`, without the `[B, K, C]` tensor."
+    ("log P(y_i | k, x_i) for experts with logits s + b_k (Eq. 6), `[B, K]`, without the `[B, K, "
+     "C]` tensor.")
     s, b = upcast(s), upcast(b)
     return s.gather(1, y[:, None]) + b[:, y].T - log_matmul_exp(s, b.T)
 
@@ -158,23 +170,28 @@ def teacher_gate_kl(teacher_logits: Tensor, gate_logits: Tensor, tau: float = 1.
     return (torch.xlogy(pt, pt) - pt * F.log_softmax(upcast(gate_logits), -1)).sum(-1)
 
 def srrl_objective(student_logits: Tensor, # the student's own logits W^T z + c, `[B, C]`
-                   gate_logits: Tensor,    # the teacher's classifier on the projected student feature, `[B, C]`
+                   gate_logits: Tensor,    # g^T on the projected student feature, `[B, C]`
                    teacher_logits: Tensor, # the teacher's logits, `[B, C]`
                    y: Tensor, tau: float = 1.0) -> Tensor:
-    "Lemma 1's objective, to be maximised: log softmax_y(student) − KL(P^T_τ ‖ softmax(gate)), `[B]`."
-    return -F.cross_entropy(upcast(student_logits), y, reduction="none") - teacher_gate_kl(teacher_logits, gate_logits, tau)
+    ("Lemma 1's objective, to be maximised: log softmax_y(student) − KL(P^T_τ ‖ softmax(gate)), "
+     "`[B]`.")
+    return -F.cross_entropy(upcast(student_logits), y,
+                            reduction="none") - teacher_gate_kl(teacher_logits, gate_logits, tau)
 
 @register_method
 class SRRL(Method):
-    "SRRL (Yang et al., ICLR 2021): CE + α·feature matching + β·softmax regression through the frozen teacher classifier."
+    ("SRRL (Yang et al., ICLR 2021): CE + α·feature matching + β·softmax regression through the "
+     "frozen teacher classifier.")
     name = "srrl"
-    paper = "Yang et al., ICLR 2021: knowledge distillation via softmax regression representation learning"
+    paper = ("Yang et al., ICLR 2021: knowledge distillation via softmax regression representation "
+             "learning")
     chapter = "moekd"
     needs_teachers = True
     teacher_feats = True
-    def __init__(self, alpha: float = 1.0,   # α, weight of the feature-matching term (the code's channel-mean gap)
+    def __init__(self,
+        alpha: float = 1.0,   # α, weight of the feature-matching term (the code's channel-mean gap)
                  beta: float = 1.0,          # β, weight of the softmax-regression term
-                 sr: str = "mse",            # "mse": MSE between logits (the public code); "kl": Lemma 1's KL
+                 sr: str = "mse",  # "mse": MSE between logits (the public code); "kl": Lemma 1's KL
                  tau: float = 1.0,           # τ softening the teacher in the "kl" form
                  teacher: int = 0):          # index of the teacher in the bank
         super().__init__()
@@ -185,25 +202,30 @@ class SRRL(Method):
         tm = bank.teachers[check_teacher_index(self.teacher, len(bank.teachers))]
         x = batch[0]
         fmap, d_t = student(x).feats[-1], tm(x).pooled.shape[1]
-        self.connector = nn.Sequential(nn.Conv2d(fmap.shape[1], d_t, 1, bias=False), nn.BatchNorm2d(d_t), nn.ReLU())
-        self.head = copy.deepcopy(tm.classifier).requires_grad_(False)   # the teacher's classifier, frozen
+        self.connector = nn.Sequential(nn.Conv2d(fmap.shape[1], d_t, 1, bias=False),
+                                       nn.BatchNorm2d(d_t), nn.ReLU())
+        # the teacher's classifier, frozen
+        self.head = copy.deepcopy(tm.classifier).requires_grad_(False)
     def loss(self, batch, s, t):
         y, m = batch[1], self.teacher
         h = upcast(global_pool(self.connector(s.feats[-1])))
         gate, t_logits, z_t = upcast(self.head(h)), upcast(t.logits[m]), upcast(t.pooled[m])
         ce, fm = F.cross_entropy(upcast(s.logits), y), F.mse_loss(h, z_t)
-        sr = teacher_gate_kl(t_logits, gate, self.tau).mean() if self.sr == "kl" else F.mse_loss(gate, t_logits)
+        sr = teacher_gate_kl(t_logits, gate,
+                             self.tau).mean() if self.sr == "kl" else F.mse_loss(gate, t_logits)
         return {"loss": ce + self.alpha * fm + self.beta * sr, "ce": ce, "fm": fm, "sr": sr}
 
 # %% ../nbs/11_moekd.ipynb #6f5e98f1
 class MixtureKD(Method):
-    "The ELBO training and the mixture's prediction shared by MoE-KD and its several-teacher form (not registered)."
+    ("The ELBO training and the mixture's prediction shared by MoE-KD and its several-teacher form "
+     "(not registered).")
     name = "mixture_kd"
     chapter = "moekd"
     needs_teachers = True
     teacher_outputs = False
 
-    def __init__(self):   # its settings are its subclasses' (the docs show this signature, not nn.Module's `*args`)
+    # its settings are its subclasses' (the docs show this signature, not nn.Module's `*args`)
+    def __init__(self):
         super().__init__()
 
     def gate_logits(self, s: ModelOut) -> Tensor:
@@ -211,7 +233,8 @@ class MixtureKD(Method):
         raise NotImplementedError(f"{type(self).__name__} must define gate_logits")
 
     def expert_biases(self, t=None) -> Tensor:
-        "The experts' biases b_k = W^T e_k, `[K, C]` (`t`: this batch's teacher outputs, when they are used)."
+        ("The experts' biases b_k = W^T e_k, `[K, C]` (`t`: this batch's teacher outputs, when "
+         "they are used).")
         raise NotImplementedError(f"{type(self).__name__} must define expert_biases")
 
     def variational(self, log_gate: Tensor, log_lik: Tensor, t) -> Tensor:
@@ -222,7 +245,8 @@ class MixtureKD(Method):
         "Called with each step's P̂ (to keep statistics for `record`)."
 
     def loss(self, batch, s, t):
-        "E-step (Eq. 12, detached) and the negative batch ELBO (Eq. 14); logs the ELBO and the mixture log-likelihood."
+        ("E-step (Eq. 12, detached) and the negative batch ELBO (Eq. 14); logs the ELBO and the "
+         "mixture log-likelihood.")
         y = batch[1]
         log_gate = _log_gate(self.gate_logits(s))
         log_lik = shared_expert_log_likelihood(s.logits, self.expert_biases(t), y)
@@ -230,27 +254,31 @@ class MixtureKD(Method):
             q = self.variational(log_gate, log_lik, t)
             self.seen(q)
         bound = elbo_terms(log_gate, log_lik, q).mean()
-        return {"loss": -bound, "elbo": bound.detach(), "loglik": torch.logsumexp(log_gate + log_lik, -1).mean().detach()}
+        return {"loss": -bound, "elbo": bound.detach(),
+                "loglik": torch.logsumexp(log_gate + log_lik, -1).mean().detach()}
 
     def predict(self, s: ModelOut) -> Tensor:
         "The mixture's log P(y | x) for every class (inference, §4.3), `[B, C]`."
         return shared_mixture_scores(self.gate_logits(s), s.logits, self.expert_biases())
 
 # %% ../nbs/11_moekd.ipynb #914a92f0
-ABLATIONS = ("none", "uniform_gate", "scratch_gate", "scratch_prototypes", "hard_aggregation", "teacher_posterior")
+ABLATIONS = ("none", "uniform_gate", "scratch_gate", "scratch_prototypes", "hard_aggregation",
+             "teacher_posterior")
 PROTOTYPES = ("dataset", "batch")
 
 @register_method
 class MoEKD(MixtureKD):
-    "MoE-KD: the student's classifier as a mixture of K experts gated by the teacher's classifier, trained by EM on the ELBO."
+    ("MoE-KD: the student's classifier as a mixture of K experts gated by the teacher's "
+     "classifier, trained by EM on the ELBO.")
     name = "moekd"
     paper = "Rethinking Knowledge Distillation: A Mixture-of-Experts Perspective (MoE-KD)"
     chapter = "moekd"
     needs_teachers = True
-    def __init__(self, tau: float = 4.0,          # τ of Eq. 8, the only hyper-parameter (4 on CIFAR-100, 1 on ImageNet)
+    def __init__(self,
+        tau: float = 4.0,  # τ of Eq. 8, the only hyper-parameter (4 on CIFAR-100, 1 on ImageNet)
                  teacher: int = 0,                # index of the teacher in the bank
                  ablation: str = "none",          # one of `ABLATIONS`: Table 4's baselines (i)-(v)
-                 prototypes: str = "dataset",     # μ over the whole training set (Eq. 7) or per batch (ours, to compare)
+                 prototypes: str = "dataset",     # μ over the dataset (Eq. 7) or per batch (ours)
                  factor: int = 2):                # 𝒢's bottleneck: middle width d_T // factor
         super().__init__()
         self.tau, self.teacher = check_temperature(tau), check_teacher_index(teacher)
@@ -267,7 +295,8 @@ class MoEKD(MixtureKD):
     def teacher_feats(self) -> bool: return self._batch_mu
 
     @property
-    def _batch_mu(self) -> bool: return self.prototypes == "batch" and self.ablation != "scratch_prototypes"
+    def _batch_mu(self) -> bool:
+        return self.prototypes == "batch" and self.ablation != "scratch_prototypes"
 
 # %% ../nbs/11_moekd.ipynb #9e3e87e7
 @patch
@@ -276,10 +305,12 @@ def setup(self: MoEKD, student, bank, batch):
     x = batch[0]
     s, t = student(x), tm(x)
     d_s, d_t, K, C = s.pooled.shape[1], t.pooled.shape[1], t.logits.shape[1], s.logits.shape[1]
-    if K != C: raise ValueError(f"MoE-KD needs a teacher over the student's classes: teacher {self.teacher} has {K}, the student {C}")
+    if K != C: raise ValueError(f"MoE-KD needs a teacher over the student's classes: teacher "
+                                f"{self.teacher} has {K}, the student {C}")
     self.projector = Bottleneck(s.feats[-1].shape[1], d_t, self.factor)
+    # g^T reused, frozen (Eq. 5)
     self.gate_head = (nn.Linear(d_t, K) if self.ablation == "scratch_gate"
-                      else copy.deepcopy(tm.classifier).requires_grad_(False))   # g^T reused, frozen (Eq. 5)
+                      else copy.deepcopy(tm.classifier).requires_grad_(False))
     if self.ablation == "scratch_prototypes": self.embeddings = nn.Parameter(torch.zeros(K, d_s))
     else: self.psi = prototype_mlp(d_t, d_s)
     self.register_buffer("mu", torch.zeros(K, d_t))
@@ -287,25 +318,30 @@ def setup(self: MoEKD, student, bank, batch):
 
 @patch
 def prepare(self: MoEKD, learner):
-    "μ (Eq. 7) in one pass over the un-augmented training set; nothing to do for learned or per-batch prototypes."
+    ("μ (Eq. 7) in one pass over the un-augmented training set; nothing to do for learned or "
+     "per-batch prototypes.")
     if self.ablation == "scratch_prototypes" or self.prototypes == "batch": return
     loader = learner.data.loader("train", device=learner.device)
-    self.mu.copy_(dataset_prototypes(self._teacher, loader, self.tau, hard=self.ablation == "hard_aggregation")[0])
+    self.mu.copy_(dataset_prototypes(self._teacher, loader, self.tau,
+                                     hard=self.ablation == "hard_aggregation")[0])
 
 # %% ../nbs/11_moekd.ipynb #e1ac819a
 @patch
 def gate_logits(self: MoEKD, s: ModelOut) -> Tensor:
     "Eq. 5: g^T(𝒢(student's last feature map)), `[B, K]` (zeros for the uniform gate, ablation i)."
-    if self.ablation == "uniform_gate": return s.logits.new_zeros(s.logits.shape[0], self.mu.shape[0]).float()
+    if self.ablation == "uniform_gate": return s.logits.new_zeros(s.logits.shape[0],
+                                                                  self.mu.shape[0]).float()
     return upcast(self.gate_head(self.projector(s.feats[-1])))
 
 @patch
 def expert_biases(self: MoEKD, t=None) -> Tensor:
-    "Eq. 6–7: b_k = W^T Ψ(μ_k), `[K, C]`, W the student's classifier (free e_k for ablation iii; per-batch μ from `t`)."
+    ("Eq. 6–7: b_k = W^T Ψ(μ_k), `[K, C]`, W the student's classifier (free e_k for ablation iii; "
+     "per-batch μ from `t`).")
     if self.ablation == "scratch_prototypes": e = self.embeddings
     elif self._batch_mu and t is not None:
         mu = self._batch_prototypes(t)
-        if self.training:   # a running mean of the batch estimates stands in for μ at test time, as BN's statistics do
+        # a running mean of the batch estimates stands in for μ at test time, as BN's statistics do
+        if self.training:
             with torch.no_grad(): self.mu.lerp_(mu.to(self.mu.dtype), 0.1)
         e = self.psi(mu)
     else: e = self.psi(self.mu)
@@ -314,7 +350,8 @@ def expert_biases(self: MoEKD, t=None) -> Tensor:
 @patch
 def _batch_prototypes(self: MoEKD, t) -> Tensor:
     m = self.teacher
-    return class_prototypes(teacher_probs(t.logits[m], self.tau, hard=self.ablation == "hard_aggregation"), upcast(t.pooled[m]),
+    return class_prototypes(teacher_probs(t.logits[m], self.tau,
+        hard=self.ablation == "hard_aggregation"), upcast(t.pooled[m]),
                             sync=current().active)
 
 @patch
@@ -327,7 +364,8 @@ def variational(self: MoEKD, log_gate, log_lik, t):
 TEACHER_GATES = ("uniform", "learned")
 
 class _TeacherExperts(nn.Module):
-    "One teacher's share of the mixture: 𝒢_m, its frozen classifier g_m, Ψ_m and its prototypes μ_m."
+    ("One teacher's share of the mixture: 𝒢_m, its frozen classifier g_m, Ψ_m and its prototypes "
+     "μ_m.")
     def __init__(self, c_in: int, d_s: int, d_t: int, classifier: nn.Linear, factor: int):
         super().__init__()
         self.projector, self.psi = Bottleneck(c_in, d_t, factor), prototype_mlp(d_t, d_s)
@@ -336,15 +374,17 @@ class _TeacherExperts(nn.Module):
 
 @register_method
 class MoEKDEnsemble(MixtureKD):
-    "kdbook's MoE-KD over M teachers: the latent is the pair (teacher, class); Bayes' rule gives per-sample teacher responsibilities."
+    ("kdbook's MoE-KD over M teachers: the latent is the pair (teacher, class); Bayes' rule gives "
+     "per-sample teacher responsibilities.")
     name = "moekd_multi"
     paper = "kdbook's extension of MoE-KD to several teachers (latent teacher × class)"
     chapter = "moekd"
     def __init__(self, tau: float = 4.0,            # τ of Eq. 8, for every teacher's prototypes
-                 teacher_gate: str = "uniform",     # π_m(x): "uniform" (1/M) or "learned" (linear on the student's feature)
+                 teacher_gate: str = "uniform",     # π_m(x): "uniform" (1/M) or "learned" (linear)
                  factor: int = 2):                  # each 𝒢_m's bottleneck
         super().__init__()
-        self.tau, self.teacher_gate = check_temperature(tau), check_choice("teacher_gate", teacher_gate, TEACHER_GATES)
+        self.tau, self.teacher_gate = check_temperature(tau), check_choice("teacher_gate",
+            teacher_gate, TEACHER_GATES)
         self.factor = check_int("factor", factor, 1)
 
     def setup(self, student, bank, batch):
@@ -354,8 +394,10 @@ class MoEKDEnsemble(MixtureKD):
         for i, tm in enumerate(bank.teachers):
             t = tm(x)
             if t.logits.shape[1] != s.logits.shape[1]:
-                raise ValueError(f"MoE-KD needs teachers over the student's classes: teacher {i} has {t.logits.shape[1]}, the student {s.logits.shape[1]}")
-            parts.append(_TeacherExperts(s.feats[-1].shape[1], s.pooled.shape[1], t.pooled.shape[1], tm.classifier, self.factor))
+                raise ValueError(f"MoE-KD needs teachers over the student's classes: teacher {i} "
+                                 f"has {t.logits.shape[1]}, the student {s.logits.shape[1]}")
+            parts.append(_TeacherExperts(s.feats[-1].shape[1], s.pooled.shape[1], t.pooled.shape[1],
+                                         tm.classifier, self.factor))
         self.parts = nn.ModuleList(parts)
         if self.teacher_gate == "learned":
             self.pi = nn.Linear(s.pooled.shape[1], len(parts))
@@ -366,7 +408,8 @@ class MoEKDEnsemble(MixtureKD):
 
     def prepare(self, learner):
         "Each teacher's μ_m (Eq. 7) in one pass over the un-augmented training set."
-        mus = dataset_prototypes(self._teachers, learner.data.loader("train", device=learner.device), self.tau)
+        mus = dataset_prototypes(self._teachers,
+                                 learner.data.loader("train", device=learner.device), self.tau)
         for part, mu in zip(self.parts, mus): part.mu.copy_(mu)
 
     def teacher_log_gate(self, s: ModelOut) -> Tensor:
@@ -378,7 +421,8 @@ class MoEKDEnsemble(MixtureKD):
     def gate_logits(self, s: ModelOut) -> Tensor:
         "log π_m(x) + log P_m(k | x), `[B, M·K]`, teacher-major."
         fmap = s.feats[-1]
-        per = torch.stack([F.log_softmax(upcast(p.gate_head(p.projector(fmap))), -1) for p in self.parts], 1)   # [B, M, K]
+        per = torch.stack([F.log_softmax(upcast(p.gate_head(p.projector(fmap))),
+                                         -1) for p in self.parts], 1)   # [B, M, K]
         return (self.teacher_log_gate(s).unsqueeze(-1) + per).flatten(1)
 
     def expert_biases(self, t=None) -> Tensor:
@@ -388,7 +432,8 @@ class MoEKDEnsemble(MixtureKD):
 
     def seen(self, q):
         if self.training:
-            self.responsibility += q.view(q.shape[0], len(self.parts), -1).sum(-1).mean(0).to(self.responsibility.dtype)
+            self.responsibility += q.view(q.shape[0], len(self.parts),
+                                          -1).sum(-1).mean(0).to(self.responsibility.dtype)
             self.steps += 1
 
     def record(self) -> dict:
@@ -407,7 +452,7 @@ s, b, a = (torch.randn(*shape, generator=g).requires_grad_() for shape in ((B, C
 y = torch.randint(0, C, (B,), generator=g)
 def status(key):   # kB, from Linux's /proc
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
-open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current resident size
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the resident size now
 start = status("VmRSS:")
 if dense: out = mixture_log_likelihood(a, s.unsqueeze(1) + b.unsqueeze(0), y).mean()
 else: out = torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y), -1).mean()
@@ -427,17 +472,22 @@ def moekd_memory(B: int = 256,  # batch size
                  K: int = 1000, # latent classes (experts)
                  C: int = 1000, # classes
                 ) -> dict:
-    "Peak resident memory (MiB, each in a fresh Linux process, the peak reset after the inputs are made) and autograd's saved bytes of the ELBO's forward + backward, dense vs shared W."
+    ("Peak resident memory (MiB, each in a fresh Linux process, the peak reset after the inputs "
+     "are made) and autograd's saved bytes of the ELBO's forward + backward, dense vs shared W.")
     out = {"B": B, "K": K, "C": C}
     for form in ("dense", "shared"):
-        run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, form, str(B), str(K), str(C)], capture_output=True, text=True)
-        if run.returncode != 0: raise RuntimeError(f"the {form} memory probe failed:\n{run.stderr[-2000:]}")
+        run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, form, str(B), str(K), str(C)],
+                             capture_output=True, text=True)
+        if run.returncode != 0: raise RuntimeError(f"the {form} memory probe "
+                                                   f"failed:\n{run.stderr[-2000:]}")
         out[f"{form}_peak_mib"] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mib"]
     g = torch.Generator().manual_seed(0)
     s, b, a = (torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K)))
     y = torch.randint(0, C, (B,), generator=g)
-    out["dense_saved_mib"] = _saved_bytes(lambda: mixture_log_likelihood(a, s.unsqueeze(1) + b.unsqueeze(0), y)) / 2**20
-    out["shared_saved_mib"] = _saved_bytes(lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y), -1)) / 2**20
+    out["dense_saved_mib"] = _saved_bytes(lambda: mixture_log_likelihood(a,
+        s.unsqueeze(1) + b.unsqueeze(0), y)) / 2**20
+    shared = lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y), -1)
+    out["shared_saved_mib"] = _saved_bytes(shared) / 2**20
     out["bkc_mib"], out["bk_kc_bc_mib"] = 4 * B * K * C / 2**20, 4 * (B * K + K * C + B * C) / 2**20
     out["peak_ratio"] = out["dense_peak_mib"] / max(out["shared_peak_mib"], 1e-9)
     return out
@@ -448,20 +498,23 @@ def _time_elbo(B: int, K: int, C: int, reps: int) -> tuple:
     s, b, a = (torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K)))
     y = torch.randint(0, C, (B,), generator=g)
     dense = lambda: mixture_log_likelihood(a, s.unsqueeze(1) + b.unsqueeze(0), y).mean().backward()
-    shared = lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y), -1).mean().backward()
+    shared = lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y),
+                                     -1).mean().backward()
     return tuple(median_times([dense, shared], reps, warmup=1))
 
-def moekd_speed(data,                          # an `ImageDataset` (the chapter's Fashion-MNIST subset, or `kdbook bench`'s)
-                teacher: str = "cnn_small",    # the teacher's architecture (untrained: speed does not depend on its weights)
+def moekd_speed(data,  # an `ImageDataset` (the chapter's Fashion-MNIST subset, or `kdbook bench`'s)
+                teacher: str = "cnn_small",    # the teacher's architecture (untrained)
                 student: str = "cnn_tiny",     # the student's architecture
                 batch: int = 64,               # batch size
                 reps: int = 20,                # timed rounds (medians)
                 device: str = "cpu") -> dict:
-    "Seconds per training step of KD, SRRL, MoE-KD (μ precomputed) and MoE-KD with per-batch μ, their ratios to KD, and the ELBO's dense vs shared-W cost."
+    ("Seconds per training step of KD, SRRL, MoE-KD (μ precomputed) and MoE-KD with per-batch μ, "
+     "their ratios to KD, and the ELBO's dense vs shared-W cost.")
     torch.manual_seed(0)
     t_net = create_model(teacher, data.n_classes, data.in_channels)
     s0 = create_model(student, data.n_classes, data.in_channels)
-    makers = {"kd": KD, "srrl": SRRL, "moekd": MoEKD, "moekd_batch_mu": lambda: MoEKD(prototypes="batch")}
+    makers = {"kd": KD, "srrl": SRRL, "moekd": MoEKD,
+              "moekd_batch_mu": lambda: MoEKD(prototypes="batch")}
     steps = {}
     for name, make in makers.items():
         d = Distiller(copy.deepcopy(s0), make(), data, teachers=[t_net], progress=False,
@@ -471,7 +524,8 @@ def moekd_speed(data,                          # an `ImageDataset` (the chapter'
         steps[name] = (lambda d=d, b=b: d.train_step(b))
     times = dict(zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device)))
     out = {"batch": batch, "teacher": teacher, "student": student, "classes": data.n_classes,
-           **{f"t_{k}": v for k, v in times.items()}, **{f"{k}_vs_kd": v / times["kd"] for k, v in times.items() if k != "kd"}}
+           **{f"t_{k}": v for k, v in times.items()},
+           **{f"{k}_vs_kd": v / times["kd"] for k, v in times.items() if k != "kd"}}
     for C in (100, 1000):
         t_dense, t_shared = _time_elbo(batch, C, C, max(3, reps // 4))
         out[f"elbo_dense_vs_shared_C{C}"] = t_dense / t_shared
@@ -505,7 +559,8 @@ PAPER_RESULTS = {   # MoE-KD paper, CIFAR-100 top-1 (%) means over 5 runs; Image
 
 # %% ../nbs/11_moekd.ipynb #a27d0e14
 class ProjectedStudent(ZooModel):
-    "A plain student of MoE-KD's deployed size: the student's stages, 𝒢's three convolutions, a linear head."
+    ("A plain student of MoE-KD's deployed size: the student's stages, 𝒢's three convolutions, a "
+     "linear head.")
     def __init__(self, arch: str,         # the student's zoo architecture
                  num_classes: int,        # C
                  in_channels: int,        # the images' channels
@@ -521,16 +576,18 @@ class ProjectedStudent(ZooModel):
 def deployed_cost(predict,             # the deployed predictor: images -> class scores
                   modules,             # the modules it holds (each parameter counted once)
                   x: Tensor,           # one input image, `[1, ...]`
-                  constants: int = 0,  # numbers it stores besides parameters (MoE-KD's expert biases, K·C)
+                  constants: int = 0,  # numbers stored besides parameters (MoE-KD's K·C biases)
                  ) -> dict:
-    "Parameters (and stored constants) and multiply-adds per image of a deployed model (FlopCounterMode / 2)."
+    ("Parameters (and stored constants) and multiply-adds per image of a deployed model "
+     "(FlopCounterMode / 2).")
     if x.shape[0] != 1: raise ValueError(f"x must hold one image, got a batch of {x.shape[0]}")
     sizes = {id(p): p.numel() for m in modules for p in m.parameters()}
     with torch.no_grad(), FlopCounterMode(display=False) as count: predict(x)
     return {"params": sum(sizes.values()) + constants, "macs": count.get_total_flops() // 2}
 
 def moekd_deployed(method: MoEKD, student) -> tuple:
-    "MoE-KD as deployed: (predict, modules, constants); student, 𝒢, g^T run per image, b = W^T Ψ(μ) stored."
+    ("MoE-KD as deployed: (predict, modules, constants); student, 𝒢, g^T run per image, b = W^T "
+     "Ψ(μ) stored.")
     with torch.no_grad(): b = method.expert_biases()
     def predict(x: Tensor) -> Tensor:
         s = student(x)
