@@ -35,23 +35,44 @@ def scipy_slack_primal(grads: np.ndarray, # the teachers' gradients `[M, K]`, on
     from scipy.optimize import minimize
     M, K = grads.shape
     f = lambda x: x[K] + C * x[K + 1:].sum() + 0.5 * x[:K] @ x[:K]
-    cons = [{"type": "ineq", "fun": lambda x: x[K] + x[K + 1:] - grads @ x[:K]},     # ⟨g_m, d⟩ ≤ v + ξ_m
+    # the constraints ⟨g_m, d⟩ ≤ v + ξ_m, then ξ_m ≥ 0
+    cons = [{"type": "ineq", "fun": lambda x: x[K] + x[K + 1:] - grads @ x[:K]},
             {"type": "ineq", "fun": lambda x: x[K + 1:]}]                           # ξ_m ≥ 0
-    r = minimize(f, np.zeros(K + 1 + M), constraints=cons, method="SLSQP", options=dict(ftol=1e-14, maxiter=2000))
+    r = minimize(
+        f,
+        np.zeros(K + 1 + M),
+        constraints=cons,
+        method="SLSQP",
+        options=dict(ftol=1e-14, maxiter=2000),
+    )
     return r.fun, r.x[:K], r.x[K], r.x[K + 1:]
 
 # %% ../nbs/10_aekd.ipynb #c1d8c0c5
 def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch shape
                               C: float, # the cap, in [1/M, 1]
                              ) -> Tensor: # the projections `[..., M]` onto {Σα = 1, 0 ≤ α ≤ C}
-    "Euclidean projection of each row of `v` onto the capped simplex, by the breakpoints of $\\tau \\mapsto \\sum_m \\mathrm{clip}(v_m - \\tau, 0, C)$."
+    """Euclidean projection of each row of `v` onto the capped simplex, by the breakpoints of
+    $\\tau \\mapsto \\sum_m \\mathrm{clip}(v_m - \\tau, 0, C)$."""
     M = v.shape[-1] if v.dim() else 0
-    if M == 0: raise ValueError(f"v must have M >= 1 coordinates in its last dimension, got shape {tuple(v.shape)}")
-    if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) or not 1 / M - 1e-12 <= C <= 1 + 1e-12:
-        raise ValueError(f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M}, got C={C!r} (below 1/M no point sums to 1)")
+    if M == 0:
+        raise ValueError(
+            f"v must have M >= 1 coordinates in its last dimension, got shape {tuple(v.shape)}"
+        )
+    if (
+        isinstance(C, bool)
+        or not isinstance(C, (int, float))
+        or not math.isfinite(C)
+        or not 1 / M - 1e-12 <= C <= 1 + 1e-12
+    ):
+        raise ValueError(
+            f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M}, got C={C!r} (below 1/M no point"
+            " sums to 1)"
+        )
     bp = torch.cat([v, v - C], -1)
-    s = (v[..., None, :] - bp[..., :, None]).clamp(0, C).sum(-1)          # s(τ) at every breakpoint τ
-    big, tol = torch.finfo(v.dtype).max, 4 * v.shape[-1] * torch.finfo(v.dtype).eps   # tol: rounding in the sums
+    # s(τ) at every breakpoint τ
+    s = (v[..., None, :] - bp[..., :, None]).clamp(0, C).sum(-1)
+    # tol: rounding in the sums
+    big, tol = torch.finfo(v.dtype).max, 4 * v.shape[-1] * torch.finfo(v.dtype).eps
     lo_b = torch.where(s >= 1 - tol, bp, -big).amax(-1, keepdim=True)
     lo_s = torch.where(bp == lo_b, s, -big).amax(-1, keepdim=True)
     hi_b = torch.where(s <= 1 + tol, bp, big).amin(-1, keepdim=True)
@@ -63,23 +84,29 @@ def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch 
 
 # %% ../nbs/10_aekd.ipynb #74f07a88
 def _start(a0: Tensor | None, G: Tensor, C: float, snap: float = 1e-6) -> tuple:
-    "A feasible start and its working set, padded columns `[..., M+1, 1]`: uniform, or `a0` projected with its near-bound weights held at their bounds."
+    """A feasible start and its working set, padded columns `[..., M+1, 1]`: uniform, or `a0`
+    projected with its near-bound weights held at their bounds."""
     M = G.shape[-1]
     if a0 is None:
         a = torch.full((*G.shape[:-1], 1), 1 / M, dtype=G.dtype, device=G.device)
     else:
         a0 = a0.to(G).expand(G.shape[:-1])
-        # a float32 copy of last step's weights sits 1e-8 off its bounds; pushed far out, the projection clips those
-        # back onto the bounds exactly, so they start in the working set instead of costing one iteration each
-        a = capped_simplex_projection(torch.where(a0 <= snap, -1.0, torch.where(a0 >= C - snap, 2.0, a0)), C)[..., None]
+        # a float32 copy of last step's weights sits 1e-8 off its bounds; pushed far out, the
+        # projection clips those back onto the bounds exactly, so they start in the working set
+        # instead of costing one iteration each
+        a = capped_simplex_projection(
+            torch.where(a0 <= snap, -1.0, torch.where(a0 >= C - snap, 2.0, a0)), C
+        )[..., None]
     w = (a == 0).to(G.dtype) - (a == C).to(G.dtype)
-    # λ is defined only if some weight is free: at a vertex free the largest one (the Newton step is then 0)
+    # λ is defined only if some weight is free: at a vertex free the largest one (the Newton step is
+    # then 0)
     w = torch.where((w != 0).all(-2, keepdim=True) & (a == a.amax(-2, keepdim=True)), 0.0, w)
     pad = torch.zeros_like(a[..., :1, :])
     return torch.cat([a, pad], -2), torch.cat([w, pad], -2)
 
 def _kkt_matrix(G: Tensor, prox: float) -> Tensor:
-    "[[G + prox·I, -1], [1ᵀ, 0]] `[..., M+1, M+1]`: the Newton system on the face where every weight is free."
+    """[[G + prox·I, -1], [1ᵀ, 0]] `[..., M+1, M+1]`: the Newton system on the face where every
+    weight is free."""
     M = G.shape[-1]
     K = torch.zeros(*G.shape[:-2], M + 1, M + 1, dtype=G.dtype, device=G.device)
     K[..., :M, :M] = G + prox * torch.eye(M, dtype=G.dtype, device=G.device)
@@ -87,35 +114,41 @@ def _kkt_matrix(G: Tensor, prox: float) -> Tensor:
     return K
 
 # %% ../nbs/10_aekd.ipynb #e988d7e2
-def _active_set(G: Tensor, a: Tensor, w: Tensor, C: float, max_iter: int, stop: bool, prox: float = 1e-13,
-                tol: float = 1e-13) -> Tensor:
-    """Primal active-set iterations on trace-normalised float64 `G` from the feasible `a` with working set `w`
-    (+1: held at 0, -1: held at C, 0: free), each problem on its own; all vectors are columns padded with λ's entry."""
+def _active_set(G: Tensor, a: Tensor, w: Tensor, C: float, max_iter: int, stop: bool,
+                prox: float = 1e-13, tol: float = 1e-13) -> Tensor:
+    """Primal active-set iterations on trace-normalised float64 `G` from the feasible `a` with
+    working set `w` (+1: held at 0, -1: held at C, 0: free), each problem on its own; all vectors
+    are columns padded with λ's entry."""
     M = G.shape[-1]
     idx = torch.arange(M + 1, device=G.device)[:, None]
     K, negE = _kkt_matrix(G, prox), -torch.eye(M + 1, dtype=G.dtype, device=G.device)
     nG = F.pad(-G, (0, 1, 0, 1))                               # -G with a zero row and column for λ
     inf = torch.tensor(torch.inf, dtype=G.dtype, device=G.device)
     lo, hi = torch.zeros_like(idx, dtype=G.dtype), torch.full_like(idx, C, dtype=G.dtype)
-    lo[M], hi[M] = -inf, inf                                   # λ's entry is unbounded: it never blocks a step
+    # λ's entry is unbounded: it never blocks a step
+    lo[M], hi[M] = -inf, inf
     up_sign, down_sign = -torch.ones_like(lo), torch.ones_like(lo)
     for _ in range(max_iter):
         free = w == 0
-        # a held weight's column becomes -e_i: its unknown is then g_i - λ at the full step, the bound's multiplier
-        # up to sign, and the free weights' unknowns are the Newton step p with Σp = 0
+        # a held weight's column becomes -e_i: its unknown is then g_i - λ at the full step, the
+        # bound's multiplier up to sign, and the free weights' unknowns are the Newton step p
+        # with Σp = 0
         u, _ = torch.linalg.solve_ex(torch.where(free.mT, K, negE), nG @ a)
         p = u * free
         up = p > 0
         bound = torch.where(up, hi, lo)
         ap = p.abs()
-        # per unit of step, how far each weight goes towards its bound; a |p| at rounding level cannot block
+        # per unit of step, how far each weight goes towards its bound; a |p| at rounding level
+        # cannot block
         r, j = torch.where(ap > 1e-15, ap / (bound - a).abs(), 0.0).max(-2, keepdim=True)
         blocked = r > 1
         hit = blocked & (idx == j)
         a = torch.where(hit, bound, a.addcmul(p, r.clamp_min(1).reciprocal()).clamp(lo, hi))
         mu_min, k = (u * w).min(-2, keepdim=True)
         drop = ~blocked & (mu_min < -tol)
-        w = torch.where(drop & (idx == k), 0.0, torch.where(hit, torch.where(up, up_sign, down_sign), w))
+        w = torch.where(
+            drop & (idx == k), 0.0, torch.where(hit, torch.where(up, up_sign, down_sign), w)
+        )
         if stop and not bool((blocked | drop).any()): break
     return a[..., :M, 0]
 
@@ -142,25 +175,31 @@ def _check_gram(G: Tensor) -> None:
         raise ValueError(f"G must be positive semi-definite (a Gram matrix), got smallest eigenvalue {lam_min:.3g}")
 
 # %% ../nbs/10_aekd.ipynb #5304f387
-def capped_simplex_min_norm(G: Tensor, # Gram matrices `[..., M, M]` of the teachers' gradients
-                            C: float, # the cap on each weight, in [1/M, 1] (1/M: AVER, 1: MGDA)
-                            *,
-                            a0: Tensor | None = None, # a warm start `[..., M]` near the capped simplex (last step's weights)
-                            max_iter: int | None = None, # active-set iterations at most; None: 2·M + 10
-                            early_stop: bool | None = None, # stop once all KKT conditions hold (a host sync); None: on the CPU
-                            check: bool = True, # validate C and G (reads values back to the host)
-                           ) -> Tensor: # weights `[..., M]` on the capped simplex, G's dtype and device
-    "Exact minimiser of $\\frac12\\alpha^\\top G\\alpha$ over $\\{\\sum\\alpha_m=1,\\ 0\\le\\alpha_m\\le C\\}$, batched; on the CPU it stops once every problem's KKT conditions hold, elsewhere it runs `max_iter` iterations with no host sync."
+def capped_simplex_min_norm(
+    G: Tensor, # Gram matrices `[..., M, M]` of the teachers' gradients
+    C: float, # the cap on each weight, in [1/M, 1] (1/M: AVER, 1: MGDA)
+    *,
+    a0: Tensor | None = None, # a warm start `[..., M]` near the capped simplex (e.g. last step's)
+    max_iter: int | None = None, # active-set iterations at most; None: 2·M + 10
+    early_stop: bool | None = None, # stop once the KKT conditions hold (a host sync); None: on CPU
+    check: bool = True, # validate C and G (reads values back to the host)
+) -> Tensor: # weights `[..., M]` on the capped simplex, G's dtype and device
+    """Exact minimiser of $\\frac12\\alpha^\\top G\\alpha$ over
+    $\\{\\sum\\alpha_m=1,\\ 0\\le\\alpha_m\\le C\\}$, batched; on the CPU it
+    stops once every problem's KKT conditions hold, elsewhere it
+    runs `max_iter` iterations with no host sync."""
     if G.dim() < 2 or G.shape[-1] != G.shape[-2]:
         raise ValueError(f"G must be square, of shape [..., M, M], got {tuple(G.shape)}")
     M = G.shape[-1]
     C = _check_cap(C, M)
     if check: _check_gram(G)
-    if C == 1 / M: return torch.full(G.shape[:-1], 1 / M, dtype=G.dtype, device=G.device)   # the only feasible point
+    # the only feasible point
+    if C == 1 / M: return torch.full(G.shape[:-1], 1 / M, dtype=G.dtype, device=G.device)
     Gd = G.double()
     Gd = 0.5 * (Gd + Gd.transpose(-1, -2))
     trace = torch.diagonal(Gd, dim1=-2, dim2=-1).sum(-1)
-    Gd = Gd / trace.clamp_min(torch.finfo(torch.float64).tiny)[..., None, None]   # the minimiser is scale-free
+    # the minimiser is scale-free
+    Gd = Gd / trace.clamp_min(torch.finfo(torch.float64).tiny)[..., None, None]
     a, w = _start(a0, Gd, C)
     a = _active_set(Gd, a, w, C, 2 * M + 10 if max_iter is None else max_iter,
                     G.device.type == "cpu" if early_stop is None else early_stop)
@@ -217,7 +256,8 @@ def brute_force_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, s
 def capped_simplex_linear_min(v: np.ndarray, # a vector `[M]`
                               C: float, # the cap
                              ) -> float:
-    "min of vᵀβ over the capped simplex: weight C on the smallest entries of v in turn, up to a sum of 1."
+    """min of vᵀβ over the capped simplex: weight C on the smallest entries of v in turn, up to a
+    sum of 1."""
     return float(np.clip(1 - C * np.arange(len(v)), 0, C) @ np.sort(v))
 
 def rank_one_min_norm(c: np.ndarray, C: float) -> float:
@@ -249,36 +289,44 @@ def ocsvm_weights(G: Tensor, # one Gram matrix `[M, M]`
 # %% ../nbs/10_aekd.ipynb #23bafc35
 GRAMS = ("sum", "mean", "sample")
 
-def logit_gram(g: Tensor, # per-sample logit gradients `[M, B, K]`
-               gram: str = "sum", # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
-               sync: bool = False, # under DDP: the Gram of the global batch (every rank then solves the same QP)
-              ) -> Tensor: # `[M, M]`, or `[B, M, M]` for "sample"
-    "The Gram matrix AE-KD's QP is solved on: Σ_b G_b (Eq. 13), the Gram of the batch-mean gradients (the code), or each G_b."
+def logit_gram(
+    g: Tensor, # per-sample logit gradients `[M, B, K]`
+    gram: str = "sum", # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
+    sync: bool = False, # under DDP: the Gram of the global batch (every rank solves the same QP)
+) -> Tensor: # `[M, M]`, or `[B, M, M]` for "sample"
+    """The Gram matrix AE-KD's QP is solved on: Σ_b G_b (Eq. 13), the Gram of the batch-mean
+    gradients (the code), or each G_b."""
     check_choice("gram", gram, GRAMS)
     if gram == "sum":   # a sum over samples: the ranks' sums add up to the global batch's
         G = torch.einsum("mbk,nbk->mn", g, g)
         return all_reduce(G, "sum") if sync else G
-    if gram == "mean":   # the mean gradient of the global batch is the mean of the ranks' (equal shares)
+    # the mean gradient of the global batch is the mean of the ranks' (equal shares)
+    if gram == "mean":
         v = g.mean(1)
         if sync: v = all_reduce(v.contiguous(), "mean")
         return v @ v.T
     return torch.einsum("mbk,nbk->bmn", g, g)   # per sample: nothing crosses ranks
 
 # %% ../nbs/10_aekd.ipynb #6569589f
-def aekd_weights(s_logits: Tensor, # student logits `[B, K]`
-                 t_logits: Tensor, # teacher logits `[M, B, K]`
-                 T: float = 4.0, # temperature
-                 C: float = 0.6, # the cap, in [1/M, 1]
-                 gram: str = "sum", # see `logit_gram`
-                 check: bool = True, # validate the Gram (host sync); off in the training loop
-                 sync: bool = False, # under DDP: solve on the global batch's Gram (see `logit_gram`)
-                 **solver, # passed to `capped_simplex_min_norm` (e.g. a warm start `a0`)
-                ) -> Tensor: # weights `[M]`, or `[M, B]` for gram="sample"
-    "AE-KD's teacher weights: the capped min-norm point for the Gram of the logit gradients of Eq. 14."
+def aekd_weights(
+    s_logits: Tensor, # student logits `[B, K]`
+    t_logits: Tensor, # teacher logits `[M, B, K]`
+    T: float = 4.0, # temperature
+    C: float = 0.6, # the cap, in [1/M, 1]
+    gram: str = "sum", # see `logit_gram`
+    check: bool = True, # validate the Gram (host sync); off in the training loop
+    sync: bool = False, # under DDP: solve on the global batch's Gram (see `logit_gram`)
+    **solver, # passed to `capped_simplex_min_norm` (e.g. a warm start `a0`)
+) -> Tensor: # weights `[M]`, or `[M, B]` for gram="sample"
+    """AE-KD's teacher weights: the capped min-norm point for the Gram of the logit gradients of
+    Eq. 14."""
     if t_logits.dim() != 3 or t_logits.shape[1:] != s_logits.shape or len(t_logits) == 0:
-        raise ValueError(f"t_logits must have shape [M, {', '.join(map(str, s_logits.shape))}] with M >= 1 teachers "
-                         f"(s_logits is {tuple(s_logits.shape)}), got {tuple(t_logits.shape)}")
-    G = logit_gram(kd_logit_grad(upcast(s_logits), upcast(t_logits), T), gram, sync)   # the student's [B, K] broadcasts
+        raise ValueError(
+            f"t_logits must have shape [M, {', '.join(map(str, s_logits.shape))}] with M >= 1"
+            f" teachers (s_logits is {tuple(s_logits.shape)}), got {tuple(t_logits.shape)}"
+        )
+    # the student's [B, K] broadcasts
+    G = logit_gram(kd_logit_grad(upcast(s_logits), upcast(t_logits), T), gram, sync)
     a = capped_simplex_min_norm(G, C, check=check, **solver)
     return a.T if gram == "sample" else a
 
@@ -296,31 +344,39 @@ def feature_grads(hint_losses: Tensor, # per-teacher hint losses `[M]`, function
 # %% ../nbs/10_aekd.ipynb #f9e33903
 HINT_FORMS = ("paper", "code")
 
-def normalized_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]`
-                       C: float, # the cap, in [1/M, 1]
-                       check: bool = True, # validate the Gram (host sync)
-                       sync: bool = False, # under DDP: the global batch's mean gradients (the ranks' means averaged)
-                      ) -> Tensor: # weights `[M]`, summing to 1 (each may exceed C), at least float32
-    "The public code's hint weights (`is_norm=True`): the QP on L2-normalised batch-mean gradients, then α_m/‖ḡ_m‖ renormalised."
+def normalized_weights(
+    grads: Tensor, # per-teacher gradients `[M, B, ...]`
+    C: float, # the cap, in [1/M, 1]
+    check: bool = True, # validate the Gram (host sync)
+    sync: bool = False, # under DDP: the global batch's mean gradients (the ranks' means, averaged)
+) -> Tensor: # weights `[M]`, summing to 1 (each may exceed C), at least float32
+    """The public code's hint weights (`is_norm=True`): the QP on L2-normalised batch-mean
+    gradients, then α_m/‖ḡ_m‖ renormalised."""
     v = grads.reshape(grads.shape[0], grads.shape[1], -1).mean(1).double()
-    if sync: v = all_reduce(v, "mean")   # a common factor on every ḡ_m (the per-rank means of 1/B-scaled gradients) cancels below
+    # a common factor on every ḡ_m (the per-rank means of 1/B-scaled gradients) cancels below
+    if sync: v = all_reduce(v, "mean")
     norm = v.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     u = v / norm[:, None]
     a = capped_simplex_min_norm(u @ u.T, C, check=check) / norm
-    return (a / a.sum()).to(torch.promote_types(grads.dtype, torch.float32))   # bf16 would round the sum
+    # bf16 would round the sum
+    return (a / a.sum()).to(torch.promote_types(grads.dtype, torch.float32))
 
-def hint_weights(grads: Tensor, # per-teacher gradients `[M, B, ...]` with respect to the shared student map
-                 C: float, # the cap, in [1/M, 1]
-                 form: str = "paper", # "paper": Eq. 13/16 on the whole gradients; "code": `normalized_weights`
-                 check: bool = True, # validate the Gram (host sync)
-                 sync: bool = False, # under DDP: the global batch's Gram (a sum over samples: all-reduced)
-                ) -> Tensor: # weights `[M]` on the capped simplex ("paper"), or summing to 1 ("code"); at least float32
+def hint_weights(
+    grads: Tensor, # per-teacher gradients `[M, B, ...]` with respect to the shared student map
+    C: float, # the cap, in [1/M, 1]
+    form: str = "paper", # "paper": Eq. 13/16 on the whole gradients; "code": `normalized_weights`
+    check: bool = True, # validate the Gram (host sync)
+    sync: bool = False, # under DDP: the global batch's Gram (a sum over samples: all-reduced)
+) -> Tensor: # weights `[M]`: on the capped simplex ("paper") or summing to 1 ("code"); ≥ float32
     "AE-KD*'s hint weights α', in the paper's form (Eq. 16) or the public code's."
     check_choice("form", form, HINT_FORMS)
     if form == "code": return normalized_weights(grads, C, check, sync)
     u = grads.reshape(grads.shape[0], -1).double()
-    G = all_reduce(u @ u.T, "sum") if sync else u @ u.T   # ranks' gradients are scaled by 1/(B/W), not 1/B: a common factor, the QP ignores it
-    return capped_simplex_min_norm(G, C, check=check).to(torch.promote_types(grads.dtype, torch.float32))
+    # ranks' gradients are scaled by 1/(B/W), not 1/B: a common factor, the QP ignores it
+    G = all_reduce(u @ u.T, "sum") if sync else u @ u.T
+    return capped_simplex_min_norm(G, C, check=check).to(
+        torch.promote_types(grads.dtype, torch.float32)
+    )
 
 # %% ../nbs/10_aekd.ipynb #2bf4fa51
 @register_method
@@ -384,17 +440,21 @@ def record(self: AEKD) -> dict:
 # %% ../nbs/10_aekd.ipynb #c0a44534
 @patch
 def teacher_weights(self: AEKD, s_logits: Tensor, t_logits: Tensor, y: Tensor) -> Tensor:
-    "This step's min-norm teacher weights, `[M, B]`, logged on the device; the last step's weights warm-start the solver."
+    """This step's min-norm teacher weights, `[M, B]`, logged on the device; the last step's
+    weights warm-start the solver."""
     M, B = t_logits.shape[:2]
     self._check_M(M)
     last = self._buf[self._n - 1] if self._n and self.gram != "sample" else None
-    w = aekd_weights(s_logits, t_logits, self.T, self.C, self.gram, check=False, sync=current().active, a0=last)
+    w = aekd_weights(
+        s_logits, t_logits, self.T, self.C, self.gram, check=False, sync=current().active, a0=last
+    )
     self._log(w if w.dim() == 1 else w.mean(1))
     return w[:, None].expand(M, B) if w.dim() == 1 else w
 
 @patch
 def loss(self: AEKD, batch, s, t):
-    "Chapter 04's multi-teacher loss with these teacher weights; also logs their largest and smallest value."
+    """Chapter 04's multi-teacher loss with these teacher weights; also logs their largest and
+    smallest value."""
     out = super(AEKD, self).loss(batch, s, t)
     w = self._buf[self._n - 1]
     out["weight_max"], out["weight_min"] = w.max(), w.min()
