@@ -23,7 +23,8 @@ __all__ = ['REGRESSORS', 'MultiTeacherKD', 'AVER', 'check_teacher_index', 'KD', 
 
 # %% ../nbs/04_baselines.ipynb #c98ab7ab
 class MultiTeacherKD(Method):
-    "γ·CE + α·Σ_m w_m T²·KL(p_m^T ‖ p_s^T) + β·feature term; uniform weights w_m = 1/M (AVER). A base class, not registered."
+    ("γ·CE + α·Σ_m w_m T²·KL(p_m^T ‖ p_s^T) + β·feature term; uniform weights w_m = 1/M "
+     "(AVER). A base class, not registered.")
     name = "multi_teacher_kd"
     paper = "the weighted multi-teacher KD loss shared by the baselines"
     chapter = "baselines"
@@ -36,7 +37,12 @@ class MultiTeacherKD(Method):
         super().__init__()
         T = check_temperature(T)
         for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta)): check_nonneg(n, v)
-        self.T, self.gamma, self.alpha, self.beta = T, float(gamma), float(alpha), float(beta)
+        self.T, self.gamma, self.alpha, self.beta = (
+            T,
+            float(gamma),
+            float(alpha),
+            float(beta),
+        )
 
     def teacher_weights(self, s_logits: Tensor, t_logits: Tensor, y: Tensor) -> Tensor:
         "Weights `[M, B]` (each column a distribution over teachers); uniform here."
@@ -48,11 +54,13 @@ class MultiTeacherKD(Method):
         return s.logits.new_zeros(())
 
     def loss(self, batch, s, t):
-        "The logged terms `ce`, `kd` (and `feat` when β > 0) and their weighted sum `loss`, all batch means."
+        ("The logged terms `ce`, `kd` (and `feat` when β > 0) and their weighted sum "
+         "`loss`, all batch means.")
         y = batch[1]
         t_logits, z = upcast(t.logits), upcast(s.logits)
         with torch.no_grad(): w = self.teacher_weights(z, t_logits, y)
-        kd = multi_teacher_kd_loss(z, t_logits, w, self.T, check=False)   # weights [M, B]; batch mean
+        # weights [M, B]; batch mean
+        kd = multi_teacher_kd_loss(z, t_logits, w, self.T, check=False)
         ce = F.cross_entropy(z, y)
         out = {"ce": ce, "kd": kd}
         loss = self.gamma * ce + self.alpha * kd
@@ -72,11 +80,17 @@ class AVER(MultiTeacherKD):
 
 # %% ../nbs/04_baselines.ipynb #9b5fbbcf
 def check_teacher_index(teacher, n_teachers: int | None = None) -> int:
-    "`teacher` as an int index into the bank: >= 0 and, when `n_teachers` is known, below it."
+    ("`teacher` as an int index into the bank: >= 0 and, when `n_teachers` is known, below "
+     "it.")
     if isinstance(teacher, bool) or not isinstance(teacher, int) or teacher < 0:
-        raise ValueError(f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}")
+        raise ValueError(
+            f"teacher must be an int index >= 0 into the teacher bank, got {teacher!r}"
+        )
     if n_teachers is not None and teacher >= n_teachers:
-        raise ValueError(f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices are 0..{n_teachers - 1}")
+        raise ValueError(
+            f"teacher={teacher} but the bank holds {n_teachers} teacher(s): valid indices "
+            f"are 0..{n_teachers - 1}"
+        )
     return teacher
 
 @register_method
@@ -96,9 +110,11 @@ class KD(MultiTeacherKD):
 
 # %% ../nbs/04_baselines.ipynb #c262e64f
 def entropy_weights(t_logits: Tensor) -> Tensor:
-    "EBKD weights `[M, B]`: (1 − H_m/Σ_j H_j)/(M − 1), with H the entropy of each teacher at T = 1."
+    ("EBKD weights `[M, B]`: (1 − H_m/Σ_j H_j)/(M − 1), with H the entropy of each teacher "
+     "at T = 1.")
     M = t_logits.shape[0]
-    if M == 1: return torch.ones(t_logits.shape[:2], dtype=t_logits.dtype, device=t_logits.device)
+    if M == 1:
+        return torch.ones(t_logits.shape[:2], dtype=t_logits.dtype, device=t_logits.device)
     logp = F.log_softmax(t_logits, -1)
     H = -(logp.exp() * logp).sum(-1)
     return (1 - H / H.sum(0, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)) / (M - 1)
@@ -114,7 +130,8 @@ class EBKD(MultiTeacherKD):
 
 # %% ../nbs/04_baselines.ipynb #bf7a704c
 def confidence_weights(ce: Tensor) -> Tensor:
-    "CA-MKD weights `[M, B]` from per-teacher, per-sample cross-entropies: (1 − softmax_m(CE))/(M − 1)."
+    ("CA-MKD weights `[M, B]` from per-teacher, per-sample cross-entropies: (1 − "
+     "softmax_m(CE))/(M − 1).")
     M = ce.shape[0]
     if M == 1:
         return torch.ones_like(ce)
@@ -124,7 +141,9 @@ def confidence_weights(ce: Tensor) -> Tensor:
 def label_cross_entropy(t_logits: Tensor, y: Tensor) -> Tensor:
     "Per-teacher, per-sample cross-entropy `[M, B]` of logits `[M, B, C]` on labels `[B]`."
     M, B, C = t_logits.shape
-    return F.cross_entropy(t_logits.reshape(M * B, C), y.repeat(M), reduction="none").reshape(M, B)
+    return F.cross_entropy(
+        t_logits.reshape(M * B, C), y.repeat(M), reduction="none"
+    ).reshape(M, B)
 
 # %% ../nbs/04_baselines.ipynb #f222e933
 class FeatureRegressor(nn.Module):
@@ -144,7 +163,8 @@ REGRESSORS = ("kdbook", "repdistiller")
 
 
 class RepDistillerRegressor(nn.Module):
-    "RepDistiller's FitNet regressor: a strided, transposed or unpadded conv to the teacher's size; BN; ReLU."
+    ("RepDistiller's FitNet regressor: a strided, transposed or unpadded conv to the "
+     "teacher's size; BN; ReLU.")
 
     def __init__(self, c_in: int, c_out: int, size_in: tuple, size_out: tuple):
         super().__init__()
@@ -180,12 +200,19 @@ def build_regressors(student: nn.Module, bank, batch: tuple, layer: int = -1,
 
 # %% ../nbs/04_baselines.ipynb #711b708b
 class _FeatureMethod(MultiTeacherKD):
-    "A multi-teacher method with one regressor per teacher on the student's feature map `layer`."
+    ("A multi-teacher method with one regressor per teacher on the student's feature map "
+     "`layer`.")
 
     teacher_feats = True
 
     def __init__(
-        self, T=4.0, gamma=1.0, alpha=1.0, beta=50.0, layer: int = -1, regressor: str = "kdbook"
+        self,
+        T=4.0,
+        gamma=1.0,
+        alpha=1.0,
+        beta=50.0,
+        layer: int = -1,
+        regressor: str = "kdbook",
     ):
         super().__init__(T, gamma, alpha, beta)
         self.layer = layer
@@ -200,12 +227,15 @@ class _FeatureMethod(MultiTeacherKD):
 
     def regressed(self, s, t):
         fs = s.feats[self.layer]
-        return [upcast(r(fs)) for r in self.regressors], [upcast(ft[self.layer]) for ft in t.feats]
+        return [upcast(r(fs)) for r in self.regressors], [
+            upcast(ft[self.layer]) for ft in t.feats
+        ]
 
 # %% ../nbs/04_baselines.ipynb #dce7b795
 @register_method
 class CAMKD(_FeatureMethod):
-    "CA-MKD (Zhang et al. 2022): label-confidence weights on the KD terms and on a regressed-feature MSE."
+    ("CA-MKD (Zhang et al. 2022): label-confidence weights on the KD terms and on a "
+     "regressed-feature MSE.")
 
     name = "camkd"
     paper = "Zhang et al., ICASSP 2022: confidence-aware teacher weights (CA-MKD)"
@@ -218,20 +248,28 @@ class CAMKD(_FeatureMethod):
         rs, fts = self.regressed(s, t)
         o = torch.stack([upcast(head(r)) for head, r in zip(self.heads, rs)])  # [M, B, C]
         w = confidence_weights(label_cross_entropy(o, y))  # not detached
-        mse = torch.stack([(r - ft).pow(2).flatten(1).mean(1) for r, ft in zip(rs, fts)])  # [M, B]
+        # [M, B]
+        mse = torch.stack([(r - ft).pow(2).flatten(1).mean(1) for r, ft in zip(rs, fts)])
         return (w * mse).sum(0).mean()
 
 # %% ../nbs/04_baselines.ipynb #db4a1fe5
 @register_method
 class FitNetMKD(_FeatureMethod):
-    "FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through per-teacher regressors."
+    ("FitNet-MKD: AVER plus the mean over teachers of a FitNets hint loss through "
+     "per-teacher regressors.")
 
     name = "fitnet"
     paper = "Romero et al., ICLR 2015 (FitNets hints), averaged over teachers"
     chapter = "baselines"
 
     def __init__(
-        self, T=4.0, gamma=1.0, alpha=1.0, beta=100.0, layer: int = -1, regressor: str = "kdbook"
+        self,
+        T=4.0,
+        gamma=1.0,
+        alpha=1.0,
+        beta=100.0,
+        layer: int = -1,
+        regressor: str = "kdbook",
     ):
         super().__init__(T, gamma, alpha, beta, layer, regressor)
 

@@ -71,21 +71,29 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 # %% ../nbs/00_core.ipynb #ae5ed3a9
-def soft_cross_entropy(student_logits: Tensor, # student logits `[..., K]`
-                       target_probs: Tensor, # target distribution `[..., K]` (rows sum to 1)
-                       T: float = 1.0, # temperature applied to the student's logits
-                       reduction: str = "batchmean", # "batchmean" | "sum" | "none"
-                       check: bool = True, # refuse rows that are no distribution (reads them back to the host)
-                      ) -> Tensor:
-    "Cross-entropy $-\\sum_i q_i \\log p_i^T(z)$ of the softened student against a target distribution $q$ (Eq. 2), no $T^2$."
+def soft_cross_entropy(
+    student_logits: Tensor, # student logits `[..., K]`
+    target_probs: Tensor, # target distribution `[..., K]` (rows sum to 1)
+    T: float = 1.0, # temperature applied to the student's logits
+    reduction: str = "batchmean", # "batchmean" | "sum" | "none"
+    check: bool = True, # refuse rows that are no distribution (reads them back to the host)
+) -> Tensor:
+    ("Cross-entropy $-\\sum_i q_i \\log p_i^T(z)$ of the softened student against a target "
+     "distribution $q$ (Eq. 2), no $T^2$.")
     if target_probs.shape != student_logits.shape:
-        raise ValueError(f"target_probs must have the student's shape {tuple(student_logits.shape)}, got {tuple(target_probs.shape)}")
+        raise ValueError(
+            f"target_probs must have the student's shape {tuple(student_logits.shape)}, "
+            f"got {tuple(target_probs.shape)}"
+        )
     if check and target_probs.numel():
         q = target_probs.detach()
         low, off = q.min().item(), (q.double().sum(-1) - 1).abs().max().item()
-        if not (low >= 0 and off <= 1e-3):   # NaN fails too
-            raise ValueError(f"target_probs must be probabilities (each >= 0, each row summing to 1), got min {low:.4g} and "
-                             f"a row sum off 1 by {off:.4g}")
+        if not (low >= 0 and off <= 1e-3):  # NaN fails too
+            raise ValueError(
+                "target_probs must be probabilities (each >= 0, each row summing to 1), "
+                f"got min {low:.4g} and "
+                f"a row sum off 1 by {off:.4g}"
+            )
     return _reduce(-(target_probs * log_softmax_t(student_logits, T)).sum(-1), reduction)
 
 # %% ../nbs/00_core.ipynb #f6dff887
@@ -96,9 +104,17 @@ def kd_loss(student_logits: Tensor, # student logits `[..., K]`
            ) -> Tensor:
     "Hinton's KD loss $T^2\\,\\mathrm{KL}(p^T(v)\\,\\|\\,p^T(z))$ (Eq. 3)."
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
     T = check_temperature(T)
-    kl = F.kl_div(log_softmax_t(student_logits, T), log_softmax_t(teacher_logits, T), reduction="none", log_target=True)
+    kl = F.kl_div(
+        log_softmax_t(student_logits, T),
+        log_softmax_t(teacher_logits, T),
+        reduction="none",
+        log_target=True,
+    )
     return _reduce(kl.sum(-1) * T * T, reduction)
 
 # %% ../nbs/00_core.ipynb #4795c2d2
@@ -113,44 +129,82 @@ def kd_logit_grad(student_logits: Tensor, # student logits `[..., K]`
                  ) -> Tensor: # per-sample gradient `[..., K]`
     """Closed-form gradient of the *unscaled* cross-entropy, $\\partial \\mathcal{H}(p^T(z), p^T(v))/\\partial z = (p^T(z) - p^T(v))/T$,
     per sample (Eq. 4, the scale of AE-KD Eq. 14); the gradient of `kd_loss`, which carries $T^2$, is $T^2$ times it."""
-    if teacher_logits.shape != student_logits.shape and teacher_logits.shape[1:] != student_logits.shape:
-        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, or [M, "
-                         f"{', '.join(map(str, student_logits.shape))}] for M teachers, got {tuple(teacher_logits.shape)}")
-    return (softmax_t(student_logits, T) - softmax_t(teacher_logits, T)) / check_temperature(T)
+    if (
+        teacher_logits.shape != student_logits.shape
+        and teacher_logits.shape[1:] != student_logits.shape
+    ):
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, "
+            "or [M, "
+            f"{', '.join(map(str, student_logits.shape))}] for M teachers, got "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    return (
+        softmax_t(student_logits, T) - softmax_t(teacher_logits, T)
+    ) / check_temperature(T)
 
 # %% ../nbs/00_core.ipynb #c75d80fe
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    "$\\lVert z - v \\rVert^2 / (2K)$ per sample: the $T\\to\\infty$ limit of $T^2$·KD for zero-mean logits (Eq. 5)."
-    if teacher_logits.shape != student_logits.shape:   # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
-        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    ("$\\lVert z - v \\rVert^2 / (2K)$ per sample: the $T\\to\\infty$ limit of $T^2$·KD "
+     "for zero-mean logits (Eq. 5).")
+    # no broadcasting: [B, K] against [B, 1] would be a silent wrong number
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
     return (student_logits - teacher_logits).pow(2).sum(-1) / (2 * student_logits.shape[-1])
 
 # %% ../nbs/00_core.ipynb #f4e2667a
-def multi_teacher_kd_loss(student_logits: Tensor, # student logits `[B, K]` (any batch shape)
-                          teacher_logits_stack: Tensor, # teacher logits `[M, B, K]`
-                          weights: Tensor | None = None, # `[M]` per teacher or `[M, B]` per teacher and sample; None: 1/M
-                          T: float = 4.0, # temperature
-                          reduction: str = "batchmean", # "batchmean" | "sum" | "none"
-                          check: bool = True, # refuse non-finite or negative weights (reads them back to the host)
-                         ) -> Tensor:
-    "Weighted multi-teacher KD, $\\sum_m w_m T^2\\,\\mathrm{KL}(p^T(v_m)\\|p^T(z))$ (Eq. 6); AVER when `weights` is None."
-    if teacher_logits_stack.dim() != student_logits.dim() + 1 or teacher_logits_stack.shape[1:] != student_logits.shape:
-        raise ValueError(f"teacher_logits_stack must have shape [M, {', '.join(map(str, student_logits.shape))}], "
-                         f"got {tuple(teacher_logits_stack.shape)}")
+def multi_teacher_kd_loss(
+    student_logits: Tensor, # student logits `[B, K]` (any batch shape)
+    teacher_logits_stack: Tensor, # teacher logits `[M, B, K]`
+    # `[M]` per teacher or `[M, B]` per teacher and sample; None: 1/M
+    weights: Tensor | None = None,
+    T: float = 4.0, # temperature
+    reduction: str = "batchmean", # "batchmean" | "sum" | "none"
+    # refuse non-finite or negative weights (reads them back to the host)
+    check: bool = True,
+) -> Tensor:
+    ("Weighted multi-teacher KD, $\\sum_m w_m T^2\\,\\mathrm{KL}(p^T(v_m)\\|p^T(z))$ (Eq. "
+     "6); AVER when `weights` is None.")
+    if (
+        teacher_logits_stack.dim() != student_logits.dim() + 1
+        or teacher_logits_stack.shape[1:] != student_logits.shape
+    ):
+        raise ValueError(
+            "teacher_logits_stack must have shape [M, "
+            f"{', '.join(map(str, student_logits.shape))}], "
+            f"got {tuple(teacher_logits_stack.shape)}"
+        )
     M = teacher_logits_stack.shape[0]
-    if M == 0: raise ValueError(f"teacher_logits_stack holds no teacher (shape {tuple(teacher_logits_stack.shape)}): M must be >= 1")
-    w = torch.full((M,), 1.0 / M, device=student_logits.device, dtype=student_logits.dtype) if weights is None else weights
+    if M == 0:
+        raise ValueError(
+            "teacher_logits_stack holds no teacher (shape "
+            f"{tuple(teacher_logits_stack.shape)}): M must be >= 1"
+        )
+    w = (
+        torch.full((M,), 1.0 / M, device=student_logits.device, dtype=student_logits.dtype)
+        if weights is None
+        else weights
+    )
     w = _check_weights(w, teacher_logits_stack, check)
-    per_teacher = kd_loss(student_logits.expand_as(teacher_logits_stack), teacher_logits_stack, T, "none")
+    per_teacher = kd_loss(
+        student_logits.expand_as(teacher_logits_stack), teacher_logits_stack, T, "none"
+    )
     return _reduce((w * per_teacher).sum(0), reduction)
 
 # %% ../nbs/00_core.ipynb #bda3ef98
-def _check_weights(weights: Tensor, teacher_logits: Tensor, check_values: bool = True) -> Tensor:
-    "Weights `[M]` or `[M, *batch]`, broadcastable against the per-teacher losses `[M, *batch]`."
+def _check_weights(
+    weights: Tensor, teacher_logits: Tensor, check_values: bool = True
+) -> Tensor:
+    ("Weights `[M]` or `[M, *batch]`, broadcastable against the per-teacher losses `[M, "
+     "*batch]`.")
     M, batch = teacher_logits.shape[0], teacher_logits.shape[1:-1]
     if weights.shape not in ((M,), (M, *batch)):
         raise ValueError(
-            f"weights must have shape ({M},) (per teacher) or {(M, *batch)} (per teacher and sample), "
+            f"weights must have shape ({M},) (per teacher) or {(M, *batch)} (per teacher "
+            "and sample), "
             f"got {tuple(weights.shape)}"
         )
     if check_values and (not torch.isfinite(weights).all() or (weights < 0).any()):
@@ -164,9 +218,12 @@ def ce_kd_loss(student_logits: Tensor, # student logits `[B, K]`
                alpha: float = 0.9, # weight α of the KD term, in [0, 1]
                T: float = 4.0, # temperature of the KD term
               ) -> Tensor:
-    "The usual mixture $(1-\\alpha)\\,\\mathcal{H}(p^1(z), y) + \\alpha\\,T^2\\,\\mathrm{KL}(p^T(v)\\|p^T(z))$ (Eq. 8), batch mean."
+    ("The usual mixture $(1-\\alpha)\\,\\mathcal{H}(p^1(z), y) + "
+     "\\alpha\\,T^2\\,\\mathrm{KL}(p^T(v)\\|p^T(z))$ (Eq. 8), batch mean.")
     if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    return (1 - alpha) * F.cross_entropy(student_logits, targets) + alpha * kd_loss(student_logits, teacher_logits, T)
+    return (1 - alpha) * F.cross_entropy(student_logits, targets) + alpha * kd_loss(
+        student_logits, teacher_logits, T
+    )
 
 # %% ../nbs/00_core.ipynb #ev3a9866
 import numpy as np
@@ -176,13 +233,15 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class PairedComparison:
-    "Two methods over paired seeds: mean of `a − b`, its confidence interval, p, MDE and verdict."
+    ("Two methods over paired seeds: mean of `a − b`, its confidence interval, p, MDE and "
+     "verdict.")
     n: int # number of paired seeds
     mean_diff: float # mean over seeds of a − b
-    ci_low: float # lower end of the (1 − alpha) confidence interval of the mean difference (paired t)
+    # lower end of the (1 − alpha) confidence interval of the mean difference (paired t)
+    ci_low: float
     ci_high: float # upper end of that interval
-    p_value: float # two-sided p of the paired t-test (no difference)
-    mde: float # minimum detectable effect: the true difference called "reproduces" with probability `power`
+    p_value: float  # two-sided p of the paired t-test (no difference)
+    mde: float  # minimum detectable effect: the true difference called "reproduces" with probability `power`
     verdict: str # "reproduces", "contradicted" or "not resolved at n seeds"
     claimed: float | None = None # the paper's margin (a − b), when it states one
     direction: int = 1 # the sign of a − b that the paper claims
@@ -195,25 +254,31 @@ def _t_quantile(q: float, df: int) -> float:
     return float(stats.t.ppf(q, df))
 
 @lru_cache(maxsize=None)
-def mde_factor(n: int, # paired seeds, >= 2
-               alpha: float = 0.05, # the interval is (1 − alpha), two-sided
-               power: float = 0.8, # the probability of the verdict "reproduces" at the MDE
-              ) -> float: # k such that MDE = k · (standard deviation of the per-seed differences)
-    "The MDE of the paired t rule in units of the differences' sd, exact (noncentral t, Eq. 11)."
+def mde_factor(
+    n: int, # paired seeds, >= 2
+    alpha: float = 0.05, # the interval is (1 − alpha), two-sided
+    power: float = 0.8, # the probability of the verdict "reproduces" at the MDE
+) -> float: # k such that MDE = k · (standard deviation of the per-seed differences)
+    ("The MDE of the paired t rule in units of the differences' sd, exact (noncentral t, "
+     "Eq. 11).")
     from scipy import optimize, stats
     df, crit = n - 1, _t_quantile(1 - alpha / 2, n - 1)
-    reach = lambda nc: stats.nct.sf(crit, df, nc) - power   # P("reproduces") − power at noncentrality nc
+    # P("reproduces") − power at noncentrality nc
+    reach = lambda nc: stats.nct.sf(crit, df, nc) - power
     hi = 2 * crit + 10
     while reach(hi) < 0: hi *= 2
     return float(optimize.brentq(reach, 0.0, hi, xtol=1e-12)) / math.sqrt(n)
 
 # %% ../nbs/00_core.ipynb #ev42728e
 def _check_runs(name: str, x) -> np.ndarray:
-    "One method's per-seed results as a float64 vector; anything else is refused, naming `name`."
+    ("One method's per-seed results as a float64 vector; anything else is refused, naming "
+     "`name`.")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a sequence of numbers, one per seed, got {x!r}") from e
+        raise ValueError(
+            f"{name} must be a sequence of numbers, one per seed, got {x!r}"
+        ) from e
     if arr.ndim != 1:
         raise ValueError(
             f"{name} must be one-dimensional (one number per seed), got shape {arr.shape}"
@@ -225,13 +290,18 @@ def _check_runs(name: str, x) -> np.ndarray:
 
 def _check_prob(name: str, value, low: float = 0.0) -> float:
     "A number strictly between `low` and 1, else a ValueError naming `name`."
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not low < value < 1
+    ):
         raise ValueError(f"{name} must be a number in ({low:g}, 1), got {value!r}")
     return float(value)
 
 
 def _verdict(lo: float, hi: float, direction: int, n: int) -> str:
-    "The one rule: the interval excludes 0 on the claimed side, on the other side, or not at all."
+    ("The one rule: the interval excludes 0 on the claimed side, on the other side, or not "
+     "at all.")
     if direction * lo > 0 and direction * hi > 0:
         return "reproduces"
     if direction * lo < 0 and direction * hi < 0:
@@ -239,20 +309,27 @@ def _verdict(lo: float, hi: float, direction: int, n: int) -> str:
     return f"not resolved at {n} seeds"
 
 # %% ../nbs/00_core.ipynb #ev2662d5
-def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pairs with b's seed i
-                      b, # method B's result per seed, same seeds, same order
-                      claimed: float | None = None, # the paper's margin A − B, if it states one
-                      direction: int | None = None, # +1: paper claims A > B, -1: A < B (None: from claimed)
-                      alpha: float = 0.05, # the confidence interval is (1 − alpha), two-sided
-                      power: float = 0.8, # the power the minimum detectable effect is computed for
-                     ) -> PairedComparison:
-    "Paired t comparison of A and B over seeds (Eq. 10): mean A − B, interval, p, MDE (Eq. 11), verdict."
+def paired_comparison(
+    a, # method A's result per seed (e.g. top-1 %); seed i pairs with b's seed i
+    b, # method B's result per seed, same seeds, same order
+    claimed: float | None = None, # the paper's margin A − B, if it states one
+    direction: int | None = None, # +1: paper claims A > B, -1: A < B (None: from claimed)
+    alpha: float = 0.05, # the confidence interval is (1 − alpha), two-sided
+    power: float = 0.8, # the power the minimum detectable effect is computed for
+) -> PairedComparison:
+    ("Paired t comparison of A and B over seeds (Eq. 10): mean A − B, interval, p, MDE "
+     "(Eq. 11), verdict.")
     a, b = _check_runs("a", a), _check_runs("b", b)
     if len(a) != len(b):
-        raise ValueError(f"a and b must pair one result per seed: len(a)={len(a)}, len(b)={len(b)}")
+        raise ValueError(
+            f"a and b must pair one result per seed: len(a)={len(a)}, len(b)={len(b)}"
+        )
     if len(a) < 2: raise ValueError(f"a and b need at least 2 paired seeds, got {len(a)}")
-    if claimed is not None and (isinstance(claimed, bool) or not isinstance(claimed, (int, float))
-                                or not math.isfinite(claimed)):
+    if claimed is not None and (
+        isinstance(claimed, bool)
+        or not isinstance(claimed, (int, float))
+        or not math.isfinite(claimed)
+    ):
         raise ValueError(f"claimed must be a finite number or None, got {claimed!r}")
     sign = 1 if not claimed else int(math.copysign(1, claimed))
     if direction is None: direction = sign
@@ -264,7 +341,8 @@ def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pai
     power = _check_prob("power", power, alpha / 2)
     d = a - b
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
-    if sd == 0:   # every seed moved by the same amount: t is infinite (or 0/0 when nothing moved)
+    # every seed moved by the same amount: t is infinite (or 0/0 when nothing moved)
+    if sd == 0:
         lo = hi = mean
         p = 1.0 if mean == 0 else 0.0
     else:
@@ -273,39 +351,74 @@ def paired_comparison(a, # method A's result per seed (e.g. top-1 %); seed i pai
         half = _t_quantile(1 - alpha / 2, n - 1) * se
         lo, hi, p = mean - half, mean + half, float(2 * stats.t.sf(abs(mean) / se, n - 1))
     mde = mde_factor(n, alpha, power) * sd
-    return PairedComparison(n, mean, lo, hi, p, mde, _verdict(lo, hi, direction, n),
-                            None if claimed is None else float(claimed), direction, alpha, power)
+    return PairedComparison(
+        n,
+        mean,
+        lo,
+        hi,
+        p,
+        mde,
+        _verdict(lo, hi, direction, n),
+        None if claimed is None else float(claimed),
+        direction,
+        alpha,
+        power,
+    )
 
 # %% ../nbs/00_core.ipynb #evce562a
 def _fmt_p(p: float) -> str: return "<0.001" if p < 0.001 else f"{p:.3f}"
 
-def verdict_table(rows, # {claim: PairedComparison} or [(claim, PairedComparison), ...]
-                  style: str = "text", # "text" (aligned columns) or "markdown" (a pipe table)
-                  digits: int = 2, # decimals of the differences and the MDE
-                 ) -> str:
-    "One row per claim: the paper's margin, ours with its interval, n, p, the MDE and the verdict."
+def verdict_table(
+    rows, # {claim: PairedComparison} or [(claim, PairedComparison), ...]
+    style: str = "text", # "text" (aligned columns) or "markdown" (a pipe table)
+    digits: int = 2, # decimals of the differences and the MDE
+) -> str:
+    ("One row per claim: the paper's margin, ours with its interval, n, p, the MDE and the "
+     "verdict.")
     items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
-    if not items: raise ValueError("rows must hold at least one (claim, PairedComparison) pair")
+    if not items:
+        raise ValueError("rows must hold at least one (claim, PairedComparison) pair")
     for row in items:
         if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], str)
                 and isinstance(row[1], PairedComparison)):
-            raise ValueError(f"rows must pair a claim (str) with a PairedComparison, got {row!r}")
+            raise ValueError(
+                f"rows must pair a claim (str) with a PairedComparison, got {row!r}"
+            )
     if len({r.alpha for _, r in items}) > 1:
         raise ValueError("rows must share one alpha (one interval level per table)")
     if style not in ("text", "markdown"):
         raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
     f = lambda x: f"{x:+.{digits}f}"
-    head = ["claim", "paper", f"ours ({100 * (1 - items[0][1].alpha):g}% CI)", "n", "p", "MDE", "verdict"]
-    body = [[c, "—" if r.claimed is None else f(r.claimed),
-             f"{f(r.mean_diff)} [{f(r.ci_low)}, {f(r.ci_high)}]",
-             str(r.n), _fmt_p(r.p_value), f"{r.mde:.{digits}f}", r.verdict] for c, r in items]
+    head = [
+        "claim",
+        "paper",
+        f"ours ({100 * (1 - items[0][1].alpha):g}% CI)",
+        "n",
+        "p",
+        "MDE",
+        "verdict",
+    ]
+    body = [
+        [
+            c,
+            "—" if r.claimed is None else f(r.claimed),
+            f"{f(r.mean_diff)} [{f(r.ci_low)}, {f(r.ci_high)}]",
+            str(r.n),
+            _fmt_p(r.p_value),
+            f"{r.mde:.{digits}f}",
+            r.verdict,
+        ]
+        for c, r in items
+    ]
     if style == "markdown":
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                          + ["| " + " | ".join(row) + " |" for row in body])
     widths = [max(len(row[j]) for row in [head] + body) for j in range(len(head))]
     line = lambda row: "  ".join(x.ljust(w) if j in (0, 6) else x.rjust(w)
                                  for j, (x, w) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in body])
+    return "\n".join(
+        [line(head), "  ".join("-" * w for w in widths)] + [line(row) for row in body]
+    )
 
 # %% ../nbs/00_core.ipynb #703a16c8
 import os
@@ -315,15 +428,19 @@ RUN_SETTINGS = ("test", "quick", "full")   # smallest to largest
 _YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 def env_full() -> bool:
-    "Whether `KDBOOK_FULL` asks for the full experiments (1, true, yes, on); 0, false, no, off or unset: not."
+    ("Whether `KDBOOK_FULL` asks for the full experiments (1, true, yes, on); 0, false, "
+     "no, off or unset: not.")
     value = os.environ.get("KDBOOK_FULL", "")
     if value.strip().lower() in _YES: return True
     if value.strip().lower() in _NO: return False
-    raise ValueError(f"KDBOOK_FULL must be 1 (the full experiments) or 0 (the quick ones), got {value!r}")
+    raise ValueError(
+        f"KDBOOK_FULL must be 1 (the full experiments) or 0 (the quick ones), got {value!r}"
+    )
 
 @dataclass(frozen=True)
 class RunSetting:
-    "How much a chapter's live cells run: `test` (the test runner), `quick` (a reader's Run all) or `full` (the stored results)."
+    ("How much a chapter's live cells run: `test` (the test runner), `quick` (a reader's "
+     "Run all) or `full` (the stored results).")
     name: str   # one of RUN_SETTINGS
 
     def __post_init__(self): check_choice("setting", self.name, RUN_SETTINGS)
@@ -336,26 +453,38 @@ class RunSetting:
     def full(self) -> bool: return self.name == "full"
 
     def note(self, what: str = "") -> str:
-        "The line printed beside a result: which setting made it (`what`: its sizes), and, when not the full one, what the text discusses."
+        ("The line printed beside a result: which setting made it (`what`: its sizes), "
+         "and, when not the full one, what the text discusses.")
         head = f"{self.name} setting" + (f": {what}" if what else "")
         if self.name == "full": return head
-        return head + ". Not the numbers the text discusses: those are the full setting's (FULL = True, or KDBOOK_FULL=1)"
+        return (
+            head
+            + ". Not the numbers the text discusses: those are the full setting's (FULL = "
+            "True, or KDBOOK_FULL=1)"
+        )
 
     def only_full(self, what: str) -> bool:
-        "True in the full setting; else prints that `what` is left to it (a `#| slow` cell in a reader's Run all)."
+        ("True in the full setting; else prints that `what` is left to it (a `#| slow` "
+         "cell in a reader's Run all).")
         if self.full: return True
-        print(f"{what}: not run in the {self.name} setting (FULL = True, or KDBOOK_FULL=1, runs it)")
+        print(
+            f"{what}: not run in the {self.name} setting (FULL = True, or KDBOOK_FULL=1, "
+            "runs it)"
+        )
         return False
 
 def book_setting(full: bool = False, # the chapter's switch: True runs the full experiments
                 ) -> RunSetting:
-    "The chapter's setting: `test` under the test runner (`IN_TEST` set), `full` if `full` or `KDBOOK_FULL=1`, else `quick`."
-    if not isinstance(full, bool): raise TypeError(f"full must be True or False, got {full!r}")
+    ("The chapter's setting: `test` under the test runner (`IN_TEST` set), `full` if "
+     "`full` or `KDBOOK_FULL=1`, else `quick`.")
+    if not isinstance(full, bool):
+        raise TypeError(f"full must be True or False, got {full!r}")
     if os.environ.get("IN_TEST"): return RunSetting("test")
     return RunSetting("full" if full or env_full() else "quick")
 
 def gpu_here(what: str = "this cell") -> bool:
-    "Whether a CUDA GPU is here; if not, prints that `what` needs one (a `#| gpu` cell in a reader's Run all)."
+    ("Whether a CUDA GPU is here; if not, prints that `what` needs one (a `#| gpu` cell in "
+     "a reader's Run all).")
     if torch.cuda.is_available(): return True
     print(f"{what}: not run, it needs a CUDA GPU and none is here")
     return False

@@ -109,25 +109,33 @@ def _check_maps(model, x, layer, module) -> None:
                          "and Grad-CAM needs a map [B, C, h, w] with h·w ≥ 2; use integrated_gradients for this model")
 
 # %% ../nbs/05_explain.ipynb #285ad0ea
-def grad_cam(model: nn.Module, # a zoo model (returns `ModelOut`) or any module returning logits
-             x: Tensor, # images `[B, C, H, W]`, normalised as the model was trained
-             target, # the class to explain: an int, or one class index per image `[B]`
-             layer: int | str | nn.Module | None = None, # None (the last stage), a stage index, a module name, or a submodule
-            ) -> Tensor: # maps `[B, H, W]`, non-negative, at the input's resolution
-    "Grad-CAM of `target` at `layer` through captum's `LayerGradCam`, for the whole batch in one pass, upsampled bilinearly."
+def grad_cam(
+    model: nn.Module, # a zoo model (returns `ModelOut`) or any module returning logits
+    x: Tensor, # images `[B, C, H, W]`, normalised as the model was trained
+    target, # the class to explain: an int, or one class index per image `[B]`
+    # None (the last stage), a stage index, a module name, or a submodule
+    layer: int | str | nn.Module | None = None,
+) -> Tensor: # maps `[B, H, W]`, non-negative, at the input's resolution
+    ("Grad-CAM of `target` at `layer` through captum's `LayerGradCam`, for the whole batch "
+     "in one pass, upsampled bilinearly.")
     from captum.attr import LayerAttribution, LayerGradCam
     x, t = _prepare(model, x, target)
     module = resolve_layer(model, layer)
     with _EvalMode(model):
         _check_maps(model, x, layer, module)
-        cam = LayerGradCam(_Logits(model), module).attribute(x, target=t, relu_attributions=True)
-    return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+        cam = LayerGradCam(_Logits(model), module).attribute(
+            x, target=t, relu_attributions=True
+        )
+    return LayerAttribution.interpolate(
+        cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear"
+    )[:, 0]
 
 # %% ../nbs/05_explain.ipynb #08fb4091
 def grad_cam_loop(
     model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None
 ) -> Tensor:
-    "The same maps one image at a time, as captum's tutorials call `LayerGradCam` (the speed comparison's baseline)."
+    ("The same maps one image at a time, as captum's tutorials call `LayerGradCam` (the "
+     "speed comparison's baseline).")
     from captum.attr import LayerAttribution, LayerGradCam
 
     x, t = _prepare(model, x, target)
@@ -147,66 +155,111 @@ def grad_cam_loop(
     return torch.cat(maps)
 
 # %% ../nbs/05_explain.ipynb #4f0652fe
-def integrated_gradients(model: nn.Module, # any model (the MLPs included)
-                         x: Tensor, # images `[B, C, H, W]`
-                         target, # an int or one class index per image
-                         baseline: Tensor | float = 0.0, # the reference input x' (0: the dataset's mean image, after normalisation)
-                         n_steps: int = 64, # points of the Gauss-Legendre rule along the path
-                         internal_batch_size: int | None = None, # bound on images per forward pass (memory)
-                        ) -> tuple: # (attributions `[B, C, H, W]`, captum's convergence delta `[B]`)
-    "Integrated Gradients of the `target` logit along the straight path from `baseline` to `x`, through captum."
+def integrated_gradients(
+    model: nn.Module, # any model (the MLPs included)
+    x: Tensor, # images `[B, C, H, W]`
+    target, # an int or one class index per image
+    # the reference input x' (0: the dataset's mean image, after normalisation)
+    baseline: Tensor | float = 0.0,
+    n_steps: int = 64, # points of the Gauss-Legendre rule along the path
+    internal_batch_size: int | None = None, # bound on images per forward pass (memory)
+) -> tuple: # (attributions `[B, C, H, W]`, captum's convergence delta `[B]`)
+    ("Integrated Gradients of the `target` logit along the straight path from `baseline` "
+     "to `x`, through captum.")
     from captum.attr import IntegratedGradients
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be an int >= 1 (points along the path), got {n_steps!r}")
+        raise ValueError(
+            f"n_steps must be an int >= 1 (points along the path), got {n_steps!r}"
+        )
     x, t = _prepare(model, x, target)
     with _EvalMode(model):
-        attr, delta = IntegratedGradients(_Logits(model)).attribute(x, baselines=baseline, target=t, n_steps=n_steps,
-                                                                    internal_batch_size=internal_batch_size,
-                                                                    return_convergence_delta=True)
+        attr, delta = IntegratedGradients(_Logits(model)).attribute(
+            x,
+            baselines=baseline,
+            target=t,
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
     return attr.detach(), delta.detach()
 
 # %% ../nbs/05_explain.ipynb #e6af87f7
-def has_feature_maps(model: nn.Module, x: Tensor, layer: int | str | nn.Module | None = None) -> bool:
-    "Whether `layer` (default: the last stage) outputs spatial maps `[B, C, h, w]` with h·w ≥ 2, so that Grad-CAM applies."
+def has_feature_maps(
+    model: nn.Module, x: Tensor, layer: int | str | nn.Module | None = None
+) -> bool:
+    ("Whether `layer` (default: the last stage) outputs spatial maps `[B, C, h, w]` with "
+     "h·w ≥ 2, so that Grad-CAM applies.")
     shape = layer_output_shape(model, x.to(next(model.parameters()).device), layer)
     return len(shape) == 4 and shape[2] * shape[3] >= 2
 
-def attribution_map(model: nn.Module, x: Tensor, target, layer: int | str | nn.Module | None = None, n_steps: int = 32) -> Tensor:
-    "One non-negative map `[B, H, W]` per image: Grad-CAM where the model has feature maps, else |Integrated Gradients| summed over channels."
+def attribution_map(
+    model: nn.Module,
+    x: Tensor,
+    target,
+    layer: int | str | nn.Module | None = None,
+    n_steps: int = 32,
+) -> Tensor:
+    ("One non-negative map `[B, H, W]` per image: Grad-CAM where the model has feature "
+     "maps, else |Integrated Gradients| summed over channels.")
     if has_feature_maps(model, x, layer): return grad_cam(model, x, target, layer)
     attr, _ = integrated_gradients(model, x, target, n_steps=n_steps)
     return attr.abs().sum(1)
 
-def explain_maps(models: Mapping[str, nn.Module], # name -> model; each is explained on the same images
-                 x: Tensor, # images `[N, C, H, W]`
-                 target, # an int or one class index per image `[N]` (e.g. the labels)
-                 batch_size: int = 500, # images per pass
-                ) -> dict: # name -> maps `[N, H, W]` on the CPU
+def explain_maps(
+    models: Mapping[str, nn.Module], # name -> model; each is explained on the same images
+    x: Tensor, # images `[N, C, H, W]`
+    target, # an int or one class index per image `[N]` (e.g. the labels)
+    batch_size: int = 500, # images per pass
+) -> dict: # name -> maps `[N, H, W]` on the CPU
     "`attribution_map` of every model over `x`, in batches."
     t = torch.as_tensor(target)
     t = t.expand(len(x)) if t.dim() == 0 else t
-    return {name: torch.cat([attribution_map(m, x[i:i + batch_size], t[i:i + batch_size]).cpu()
-                             for i in range(0, len(x), batch_size)]) for name, m in models.items()}
+    return {
+        name: torch.cat(
+            [
+                attribution_map(m, x[i : i + batch_size], t[i : i + batch_size]).cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+        for name, m in models.items()
+    }
 
 # %% ../nbs/05_explain.ipynb #7eb905b8
-def average_ranks(v: Tensor, # values `[B, N]`, ranked along the last dimension
-                 ) -> Tensor: # ranks 1..N `[B, N]` in float64; tied values share the mean of their ranks
-    "Ranks of each row with ties averaged (as Spearman's coefficient needs), batched: one sort, two scatters."
+def average_ranks(
+    v: Tensor, # values `[B, N]`, ranked along the last dimension
+) -> Tensor: # ranks 1..N `[B, N]` in float64; tied values share the mean of their ranks
+    ("Ranks of each row with ties averaged (as Spearman's coefficient needs), batched: one "
+     "sort, two scatters.")
     B, N = v.shape
     s, order = v.sort(dim=-1, stable=True)
     starts = torch.ones_like(s, dtype=torch.bool)
     starts[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = (starts.cumsum(-1) - 1 + N * torch.arange(B, device=v.device)[:, None]).flatten()   # a tie group, numbered across rows
+    # a tie group, numbered across rows
+    group = (
+        starts.cumsum(-1) - 1 + N * torch.arange(B, device=v.device)[:, None]
+    ).flatten()
     pos = torch.arange(1, N + 1, dtype=torch.float64, device=v.device).repeat(B)
-    total = torch.zeros(B * N, dtype=torch.float64, device=v.device).scatter_add_(0, group, pos)
-    count = torch.zeros(B * N, dtype=torch.float64, device=v.device).scatter_add_(0, group, torch.ones_like(pos))
-    return torch.empty(B, N, dtype=torch.float64, device=v.device).scatter_(1, order, (total / count.clamp_min(1))[group].view(B, N))
+    total = torch.zeros(B * N, dtype=torch.float64, device=v.device).scatter_add_(
+        0, group, pos
+    )
+    count = torch.zeros(B * N, dtype=torch.float64, device=v.device).scatter_add_(
+        0, group, torch.ones_like(pos)
+    )
+    return torch.empty(B, N, dtype=torch.float64, device=v.device).scatter_(
+        1, order, (total / count.clamp_min(1))[group].view(B, N)
+    )
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    "Spearman's rank correlation of each pair of maps `[B, ...]`: the Pearson correlation of their average ranks; NaN where a map is constant."
-    if a.shape != b.shape: raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    for name, v in (("a", a), ("b", b)):   # a NaN pixel has no rank: the correlation would be a wrong number, not NaN
-        if not torch.isfinite(v).all(): raise ValueError(f"{name} must be finite maps, got NaN or inf pixels")
+    ("Spearman's rank correlation of each pair of maps `[B, ...]`: the Pearson correlation "
+     "of their average ranks; NaN where a map is constant.")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    # a NaN pixel has no rank: the correlation would be a wrong number, not NaN
+    for name, v in (("a", a), ("b", b)):
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name} must be finite maps, got NaN or inf pixels")
     ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
     ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
     den = (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
@@ -221,20 +274,28 @@ def top_mask(a: Tensor, top: float) -> Tensor:
     flat = a.flatten(1)
     k = max(1, round(_check_top(top) * flat.shape[1]))
     if k == flat.shape[1]: return torch.ones_like(a, dtype=torch.bool)
-    first_out = flat.topk(k + 1, dim=-1).values[:, -1:]   # the largest value outside a top-k set
+    # the largest value outside a top-k set
+    first_out = flat.topk(k + 1, dim=-1).values[:, -1:]
     return (flat > first_out).view(a.shape)
 
 def top_iou(a: Tensor, b: Tensor, top: float = 0.1) -> Tensor:
-    "Intersection over union of the `top` sets of two maps (`top_mask`), per image `[B]`; NaN where either set is empty."
-    if a.shape != b.shape: raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ("Intersection over union of the `top` sets of two maps (`top_mask`), per image `[B]`; "
+     "NaN where either set is empty.")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     ma, mb = top_mask(a, top).flatten(1), top_mask(b, top).flatten(1)
     iou = (ma & mb).sum(-1) / (ma | mb).sum(-1).clamp_min(1)
     return iou.masked_fill(~ma.any(-1) | ~mb.any(-1), float("nan"))
 
 def top_set_short(a: Tensor, top: float = 0.1) -> Tensor:
-    "Per map `[B]`: True where ties at the boundary leave its top set with fewer than the `top` fraction's k pixels."
+    ("Per map `[B]`: True where ties at the boundary leave its top set with fewer than the "
+     "`top` fraction's k pixels.")
     flat = a.flatten(1)
-    return top_mask(a, top).flatten(1).sum(-1) < max(1, round(_check_top(top) * flat.shape[1]))
+    return top_mask(a, top).flatten(1).sum(-1) < max(
+        1, round(_check_top(top) * flat.shape[1])
+    )
 
 def _check_top(top) -> float:
     if isinstance(top, bool) or not isinstance(top, (int, float)) or not 0 < top <= 1:
@@ -245,44 +306,67 @@ def map_agreement(a: Tensor, # maps `[B, H, W]` (e.g. the student's)
                   b: Tensor, # maps of the same shape (e.g. one teacher's)
                   top: float = 0.1, # fraction of the pixels in each map's top set
                  ) -> dict: # {"spearman": `[B]`, "iou": `[B]`}
-    "How much two models look at the same pixels, per image: Spearman's rank correlation and the IoU of the top-`top` pixels."
-    if a.shape != b.shape: raise ValueError(f"the maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ("How much two models look at the same pixels, per image: Spearman's rank correlation "
+     "and the IoU of the top-`top` pixels.")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"the maps must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     top = _check_top(top)
     return {"spearman": spearman(a, b), "iou": top_iou(a, b, top)}
 
 # %% ../nbs/05_explain.ipynb #0d4eeb6f
-def agreement_table(student_maps: Tensor, # the student's maps `[N, H, W]`
-                    teacher_maps: Mapping[str, Tensor], # teacher name -> its maps `[N, H, W]` on the same images
-                    top: float = 0.1,
-                   ) -> list: # one row per teacher: mean, std and median over the images of both scores
-    "The student's agreement with each teacher over a set of images, with its spread over the images (NaNs, from constant maps, left out)."
+def agreement_table(
+    student_maps: Tensor, # the student's maps `[N, H, W]`
+    # teacher name -> its maps `[N, H, W]` on the same images
+    teacher_maps: Mapping[str, Tensor],
+    top: float = 0.1,
+) -> list: # one row per teacher: mean, std and median over the images of both scores
+    ("The student's agreement with each teacher over a set of images, with its spread over "
+     "the images (NaNs, from constant maps, left out).")
     rows = []
     for name, tm in teacher_maps.items():
         row = {"teacher": name}
         for key, v in map_agreement(student_maps, tm, top).items():
             v = v[~v.isnan()].double()
-            row |= {f"{key}_mean": float(v.mean()), f"{key}_std": float(v.std(unbiased=False)),
-                    f"{key}_median": float(v.median()), f"{key}_n": len(v)}
+            row |= {
+                f"{key}_mean": float(v.mean()),
+                f"{key}_std": float(v.std(unbiased=False)),
+                f"{key}_median": float(v.median()),
+                f"{key}_n": len(v),
+            }
         rows.append(row)
     return rows
 
 # %% ../nbs/05_explain.ipynb #8f9655ca
 class KeepStudents:
-    "A student factory for `run_study` that keeps every network it makes, so their maps can be drawn after the study."
+    ("A student factory for `run_study` that keeps every network it makes, so their maps "
+     "can be drawn after the study.")
     def __init__(self, make): # a function returning a new student network
         self.make, self.nets = make, []
     def __call__(self) -> nn.Module:
         net = self.make()
         self.nets.append(net)
         return net
-    def __repr__(self) -> str: return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
+
+    def __repr__(self) -> str:
+        return f"KeepStudents({getattr(self.make, '__name__', type(self.make).__name__)})"
 
     def by_run(self, study) -> dict:
-        "'label/seed' -> the trained student of that run (run_study makes one net per run, in the order of `study.runs`); reused runs are left out, their nets were never trained."
+        ("'label/seed' -> the trained student of that run (run_study makes one net per "
+         "run, in the order of `study.runs`); reused runs are left out, their nets were "
+         "never trained.")
         if len(self.nets) != len(study.runs):
-            raise ValueError(f"this KeepStudents made {len(self.nets)} students but the study has {len(study.runs)} runs: "
-                             "use a new KeepStudents for each run_study")
-        return {k: net for (k, r), net in zip(study.runs.items(), self.nets) if r["status"] in ("ok", "diverged") and not r.get("reused")}
+            raise ValueError(
+                f"this KeepStudents made {len(self.nets)} students but the study has "
+                f"{len(study.runs)} runs: "
+                "use a new KeepStudents for each run_study"
+            )
+        return {
+            k: net
+            for (k, r), net in zip(study.runs.items(), self.nets)
+            if r["status"] in ("ok", "diverged") and not r.get("reused")
+        }
 
 # %% ../nbs/05_explain.ipynb #c5ba2097
 def _finish(fig, widget: bool):
@@ -292,39 +376,74 @@ def _finish(fig, widget: bool):
 
 def _display_name(label: str) -> str: return "student" if label == "ce" else label
 
-def method_bars(rows: Sequence[Mapping], # `StudyResult.summary()` rows: method, mean, std, n (failed methods, mean None, are left out)
-                paper: Mapping[str, float] | None = None, # method -> the paper's number, drawn as a marker
-                title: str | None = None, # default: says the number of seeds (no spread is drawn for one)
-                yaxis_title: str = "top-1 (%)",
-                height: int = 360,
-                widget: bool = False, # return a live `FigureWidget`
-               ):
-    "Bars of each method's mean ± std over seeds, the paper's number as a diamond; a y-axis that does not start at 0 says so."
+def method_bars(
+    rows: Sequence[Mapping], # `StudyResult.summary()` rows: method, mean, std, n (failed methods, mean None, are left out)
+    # method -> the paper's number, drawn as a marker
+    paper: Mapping[str, float] | None = None,
+    # default: says the number of seeds (no spread is drawn for one)
+    title: str | None = None,
+    yaxis_title: str = "top-1 (%)",
+    height: int = 360,
+    widget: bool = False, # return a live `FigureWidget`
+):
+    ("Bars of each method's mean ± std over seeds, the paper's number as a diamond; a "
+     "y-axis that does not start at 0 says so.")
     import plotly.graph_objects as go
     rows, paper = [r for r in rows if r.get("mean") is not None], dict(paper or {})
     names = [_display_name(r["method"]) for r in rows]
-    fig = go.Figure(go.Bar(x=names, y=[r["mean"] for r in rows], name="ours", error_y=dict(type="data", array=[r["std"] or 0 for r in rows]),
-                           hovertext=[f"n = {r.get('n', '?')} seeds" for r in rows]))
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=[r["mean"] for r in rows],
+            name="ours",
+            error_y=dict(type="data", array=[r["std"] or 0 for r in rows]),
+            hovertext=[f"n = {r.get('n', '?')} seeds" for r in rows],
+        )
+    )
     marks = [(_display_name(m), v) for m, v in paper.items() if _display_name(m) in names]
     if marks:
-        fig.add_scatter(x=[m for m, _ in marks], y=[v for _, v in marks], mode="markers", name="paper",
-                        marker=dict(symbol="diamond", size=12, color="black"))
-    vals = [r["mean"] - (r["std"] or 0) for r in rows] + [r["mean"] + (r["std"] or 0) for r in rows] + [v for _, v in marks]
+        fig.add_scatter(
+            x=[m for m, _ in marks],
+            y=[v for _, v in marks],
+            mode="markers",
+            name="paper",
+            marker=dict(symbol="diamond", size=12, color="black"),
+        )
+    vals = (
+        [r["mean"] - (r["std"] or 0) for r in rows]
+        + [r["mean"] + (r["std"] or 0) for r in rows]
+        + [v for _, v in marks]
+    )
     if vals:
         lo, hi = min(vals), max(vals)
-        pad = 0.2 * (hi - lo) + 0.01 * max(abs(hi), abs(lo))   # in the values' own scale (a ρ, a percentage)
+        # in the values' own scale (a ρ, a percentage)
+        pad = 0.2 * (hi - lo) + 0.01 * max(abs(hi), abs(lo))
         fig.update_yaxes(range=[max(lo - pad, 0), hi + pad])
-        if lo - pad > 0: yaxis_title = f"{yaxis_title}; the axis starts at {lo - pad:.3g}, not 0"   # the cut, marked
+        # the cut, marked
+        if lo - pad > 0:
+            yaxis_title = f"{yaxis_title}; the axis starts at {lo - pad:.3g}, not 0"
     ns = sorted({r.get("n") for r in rows if r.get("n") is not None})
-    seeds = "one seed" if ns == [1] else f"mean ± std over {'/'.join(map(str, ns))} seeds" if ns else "mean ± std over seeds"
-    fig.update_layout(title=title or f"Student top-1 ({seeds})", yaxis_title=yaxis_title, height=height,
-                      margin=dict(t=50, b=40), showlegend=bool(marks))
+    seeds = (
+        "one seed"
+        if ns == [1]
+        else f"mean ± std over {'/'.join(map(str, ns))} seeds"
+        if ns
+        else "mean ± std over seeds"
+    )
+    fig.update_layout(
+        title=title or f"Student top-1 ({seeds})",
+        yaxis_title=yaxis_title,
+        height=height,
+        margin=dict(t=50, b=40),
+        showlegend=bool(marks),
+    )
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #83503af3
-def study_curves(study, # a `StudyResult`, or the dict of a `results.json`
-                 key: str = "test_top1", # the per-epoch record to draw ("test_top1", "train_loss")
-                ) -> dict: # method label -> one list of values per finished seed
+def study_curves(
+    study, # a `StudyResult`, or the dict of a `results.json`
+    key: str = "test_top1", # the per-epoch record to draw ("test_top1", "train_loss")
+) -> dict: # method label -> one list of values per finished seed
     "The per-epoch curves of every finished run of a study, grouped by method."
     runs = study["runs"] if isinstance(study, Mapping) else study.runs
     out = {}
@@ -333,14 +452,17 @@ def study_curves(study, # a `StudyResult`, or the dict of a `results.json`
             out.setdefault(r["method"], []).append([e[key] for e in r["history"]])
     return out
 
-def curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], # label -> one curve per run (seed), each a value per epoch
-                  title: str | None = None, # default: says the number of runs (no band is drawn for one)
-                  xaxis_title: str = "epoch",
-                  yaxis_title: str = "top-1 (%)",
-                  height: int = 360,
-                  widget: bool = False,
-                 ):
-    "One line per label, the mean over its runs, with a band of ± one std where there are several runs."
+def curves_figure(
+    # label -> one curve per run (seed), each a value per epoch
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    title: str | None = None, # default: says the number of runs (no band is drawn for one)
+    xaxis_title: str = "epoch",
+    yaxis_title: str = "top-1 (%)",
+    height: int = 360,
+    widget: bool = False,
+):
+    ("One line per label, the mean over its runs, with a band of ± one std where there are "
+     "several runs.")
     import plotly.graph_objects as go
     from plotly.colors import qualitative
     fig = go.Figure()
@@ -350,56 +472,121 @@ def curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], # label -> on
         m, s, x = a.mean(0), a.std(0), list(range(1, n + 1))
         color, name = qualitative.Plotly[i % 10], _display_name(label)
         if len(a) > 1:
-            fig.add_scatter(x=x + x[::-1], y=(m + s).tolist() + (m - s)[::-1].tolist(), fill="toself", opacity=0.2,
-                            line=dict(width=0), fillcolor=color, legendgroup=name, showlegend=False, hoverinfo="skip")
-        fig.add_scatter(x=x, y=m.tolist(), mode="lines", name=name, line=dict(color=color), legendgroup=name)
+            fig.add_scatter(
+                x=x + x[::-1],
+                y=(m + s).tolist() + (m - s)[::-1].tolist(),
+                fill="toself",
+                opacity=0.2,
+                line=dict(width=0),
+                fillcolor=color,
+                legendgroup=name,
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        fig.add_scatter(
+            x=x,
+            y=m.tolist(),
+            mode="lines",
+            name=name,
+            line=dict(color=color),
+            legendgroup=name,
+        )
     runs = sorted({len(r) for r in curves.values()})
-    seeds = "one run each" if runs == [1] else f"mean ± std over {'/'.join(map(str, runs))} runs" if runs else ""
-    fig.update_xaxes(tickformat="d", dtick=max(1, round(max((len(c) for r in curves.values() for c in r), default=1) / 8)))
-    fig.update_layout(title=title or f"Test top-1 during training ({seeds})", xaxis_title=xaxis_title,
-                      yaxis_title=yaxis_title, height=height, margin=dict(t=50, b=40))
+    seeds = (
+        "one run each"
+        if runs == [1]
+        else f"mean ± std over {'/'.join(map(str, runs))} runs"
+        if runs
+        else ""
+    )
+    fig.update_xaxes(
+        tickformat="d",
+        dtick=max(
+            1, round(max((len(c) for r in curves.values() for c in r), default=1) / 8)
+        ),
+    )
+    fig.update_layout(
+        title=title or f"Test top-1 during training ({seeds})",
+        xaxis_title=xaxis_title,
+        yaxis_title=yaxis_title,
+        height=height,
+        margin=dict(t=50, b=40),
+    )
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #f7283cc5
 def _to_uint8(a: Tensor) -> np.ndarray:
-    "Each image `[N, H, W]` scaled to 0..255 by its own min and max (small to store, as plotly keeps integer arrays binary)."
+    ("Each image `[N, H, W]` scaled to 0..255 by its own min and max (small to store, as "
+     "plotly keeps integer arrays binary).")
     a = a.detach().double().cpu()
     lo, hi = a.flatten(1).amin(1)[:, None, None], a.flatten(1).amax(1)[:, None, None]
     return ((a - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
 
-def map_grid(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`, any scale (shown in grey, each stretched to its own range)
-             maps: Mapping[str, Tensor], # column title -> maps `[N, H, W]`, drawn over the image
-             row_titles: Sequence[str] | None = None, # one per image (e.g. its class)
-             opacity: float = 0.55, # of the map over the image
-             colorscale: str = "Inferno",
-             cell: int = 120, # pixels per panel
-             widget: bool = False,
-            ):
-    "A grid: one row per image, the image then each map over it; maps are scaled per panel (Grad-CAM is relative)."
+def map_grid(
+    images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`, any scale (shown in grey, each stretched to its own range)
+    maps: Mapping[str, Tensor], # column title -> maps `[N, H, W]`, drawn over the image
+    row_titles: Sequence[str] | None = None, # one per image (e.g. its class)
+    opacity: float = 0.55, # of the map over the image
+    colorscale: str = "Inferno",
+    cell: int = 120, # pixels per panel
+    widget: bool = False,
+):
+    ("A grid: one row per image, the image then each map over it; maps are scaled per "
+     "panel (Grad-CAM is relative).")
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     grey = images.float().mean(1) if images.dim() == 4 else images.float()
     N, cols = len(grey), ["image", *maps]
-    fig = make_subplots(rows=N, cols=len(cols), column_titles=cols, row_titles=list(row_titles) if row_titles else None,
-                        horizontal_spacing=0.01, vertical_spacing=0.01)
+    fig = make_subplots(
+        rows=N,
+        cols=len(cols),
+        column_titles=cols,
+        row_titles=list(row_titles) if row_titles else None,
+        horizontal_spacing=0.01,
+        vertical_spacing=0.01,
+    )
     g8, m8 = _to_uint8(grey), {k: _to_uint8(v) for k, v in maps.items()}
     for i in range(N):
         for j, name in enumerate(cols, 1):
-            fig.add_trace(go.Heatmap(z=g8[i], colorscale="gray", showscale=False, hoverinfo="skip"), i + 1, j)
-            if j > 1: fig.add_trace(go.Heatmap(z=m8[name][i], colorscale=colorscale, opacity=opacity, showscale=False, zmin=0, zmax=255), i + 1, j)
+            fig.add_trace(
+                go.Heatmap(z=g8[i], colorscale="gray", showscale=False, hoverinfo="skip"),
+                i + 1,
+                j,
+            )
+            if j > 1:
+                fig.add_trace(
+                    go.Heatmap(
+                        z=m8[name][i],
+                        colorscale=colorscale,
+                        opacity=opacity,
+                        showscale=False,
+                        zmin=0,
+                        zmax=255,
+                    ),
+                    i + 1,
+                    j,
+                )
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False, autorange="reversed")
-    fig.update_layout(height=cell * N + 60, width=cell * len(cols) + 80, margin=dict(t=40, b=10, l=10, r=30))
+    fig.update_yaxes(
+        showticklabels=False, showgrid=False, zeroline=False, autorange="reversed"
+    )
+    fig.update_layout(
+        height=cell * N + 60,
+        width=cell * len(cols) + 80,
+        margin=dict(t=40, b=10, l=10, r=30),
+    )
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #f0eac380
-def agreement_widget(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
-                     student_maps: Mapping[str, Tensor], # student name (e.g. a method) -> maps `[N, H, W]`
-                     teacher_maps: Mapping[str, Tensor], # teacher name -> maps `[N, H, W]`
-                     row_titles: Sequence[str] | None = None, # one caption per image (e.g. its class)
-                     top: float = 0.1,
-                    ):
-    "Pick an image, a student and a teacher: their maps side by side and their agreement (Spearman, top-k IoU)."
+def agreement_widget(
+    images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
+    student_maps: Mapping[str, Tensor], # student name (e.g. a method) -> maps `[N, H, W]`
+    teacher_maps: Mapping[str, Tensor], # teacher name -> maps `[N, H, W]`
+    row_titles: Sequence[str] | None = None, # one caption per image (e.g. its class)
+    top: float = 0.1,
+):
+    ("Pick an image, a student and a teacher: their maps side by side and their agreement "
+     "(Spearman, top-k IoU).")
     import ipywidgets as widgets
     pick_image = widgets.IntSlider(0, 0, len(images) - 1, description="image")
     pick_student = widgets.Dropdown(options=list(student_maps), description="student")
@@ -407,8 +594,16 @@ def agreement_widget(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
     def panels():
         i, s, t = pick_image.value, pick_student.value, pick_teacher.value
         a = map_agreement(student_maps[s][i:i + 1], teacher_maps[t][i:i + 1], top)
-        caption = (row_titles[i] + ": " if row_titles else "") + f"Spearman {float(a['spearman'][0]):.2f}, top-{100 * top:.0f}% IoU {float(a['iou'][0]):.2f}"
-        return images[i:i + 1], {s: student_maps[s][i:i + 1], t: teacher_maps[t][i:i + 1]}, caption
+        caption = (
+            (row_titles[i] + ": " if row_titles else "")
+            + f"Spearman {float(a['spearman'][0]):.2f}, top-{100 * top:.0f}% IoU "
+            f"{float(a['iou'][0]):.2f}"
+        )
+        return (
+            images[i : i + 1],
+            {s: student_maps[s][i : i + 1], t: teacher_maps[t][i : i + 1]},
+            caption,
+        )
     im, maps, caption = panels()
     fig = map_grid(im, maps, cell=220, widget=True)
     fig.update_layout(title=caption)
@@ -417,27 +612,48 @@ def agreement_widget(images: Tensor, # images `[N, C, H, W]` or `[N, H, W]`
         fresh = map_grid(im, maps, cell=220)
         with fig.batch_update():
             for old, new in zip(fig.data, fresh.data): old.z = new.z
-            for ann, new in zip(fig.layout.annotations, fresh.layout.annotations): ann.text = new.text
+            for ann, new in zip(fig.layout.annotations, fresh.layout.annotations):
+                ann.text = new.text
             fig.layout.title = caption
     for w in (pick_image, pick_student, pick_teacher): w.observe(redraw, names="value")
     return widgets.VBox([widgets.HBox([pick_image, pick_student, pick_teacher]), fig])
 
 # %% ../nbs/05_explain.ipynb #7da953d2
-def gradcam_speed(arch: str = "cnn_small", # the zoo model explained
-                  n: int = 1000, # images, explained in one pass (ours) and one at a time (captum's tutorials)
-                  shape: tuple = (1, 28, 28), num_classes: int = 10,
-                  reps: int = 3, # timed rounds (median)
-                  device: str = "cpu",
-                 ) -> dict: # seconds for each way, their ratio, the largest difference between the two maps
-    "Batched Grad-CAM over `n` random images against a per-image loop, after checking that both give the same maps."
+def gradcam_speed(
+    arch: str = "cnn_small", # the zoo model explained
+    # images, explained in one pass (ours) and one at a time (captum's tutorials)
+    n: int = 1000,
+    shape: tuple = (1, 28, 28), num_classes: int = 10,
+    reps: int = 3, # timed rounds (median)
+    device: str = "cpu",
+) -> dict: # seconds for each way, their ratio, the largest difference between the two maps
+    ("Batched Grad-CAM over `n` random images against a per-image loop, after checking "
+     "that both give the same maps.")
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = create_model(arch, num_classes, shape[0]).to(device).eval()
     x = torch.randn(n, *shape, generator=g).to(device)
     t = torch.randint(0, num_classes, (n,), generator=g).to(device)
     batched = grad_cam(model, x, t)
-    diff, scale = float((batched - grad_cam_loop(model, x, t)).abs().max()), float(batched.abs().max())
-    if diff > 1e-4 * max(scale, 1e-12): raise RuntimeError(f"batched and per-image Grad-CAM differ by {diff:.3g} (max map {scale:.3g})")
-    t_batch, t_loop = median_times([lambda: grad_cam(model, x, t), lambda: grad_cam_loop(model, x, t)], reps, device=device)
-    return {"arch": arch, "n": n, "device": str(device), "batched_s": t_batch, "loop_s": t_loop, "ratio": t_loop / t_batch,
-            "max_abs_diff": diff}
+    diff, scale = (
+        float((batched - grad_cam_loop(model, x, t)).abs().max()),
+        float(batched.abs().max()),
+    )
+    if diff > 1e-4 * max(scale, 1e-12):
+        raise RuntimeError(
+            f"batched and per-image Grad-CAM differ by {diff:.3g} (max map {scale:.3g})"
+        )
+    t_batch, t_loop = median_times(
+        [lambda: grad_cam(model, x, t), lambda: grad_cam_loop(model, x, t)],
+        reps,
+        device=device,
+    )
+    return {
+        "arch": arch,
+        "n": n,
+        "device": str(device),
+        "batched_s": t_batch,
+        "loop_s": t_loop,
+        "ratio": t_loop / t_batch,
+        "max_abs_diff": diff,
+    }

@@ -322,14 +322,16 @@ def count_params(model: nn.Module) -> int:
 
 # %% ../nbs/02_models.ipynb #681d2375
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    "A new convolution equal to `bn(conv(x))` in eval mode: $W' = W\\gamma/\\sigma$, $b' = (b-\\mu)\\gamma/\\sigma + \\beta$ (Eq. 1)."
+    ("A new convolution equal to `bn(conv(x))` in eval mode: $W' = W\\gamma/\\sigma$, $b' "
+     "= (b-\\mu)\\gamma/\\sigma + \\beta$ (Eq. 1).")
     fused = copy.deepcopy(conv)
     with torch.no_grad():
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         fused.bias = nn.Parameter(
-            (bias - bn.running_mean) * scale + bn.bias, requires_grad=conv.weight.requires_grad
+            (bias - bn.running_mean) * scale + bn.bias,
+            requires_grad=conv.weight.requires_grad,
         )
     return fused
 
@@ -471,14 +473,16 @@ def _conv_bn(unit: nn.Sequential) -> nn.Sequential:
     return unit[0] if isinstance(unit[0], nn.Sequential) else unit
 
 def _numbered(prefix: str, units, start: int = 1) -> Iterator[tuple[str, nn.Module]]:
-    "RepDistiller's `conv1, bn1, conv2, bn2, ...` (from `conv{start}`) for a list of conv-BN units."
+    ("RepDistiller's `conv1, bn1, conv2, bn2, ...` (from `conv{start}`) for a list of "
+     "conv-BN units.")
     for k, unit in enumerate(units, start):
         conv, bn = _conv_bn(unit)
         yield f"{prefix}conv{k}", conv
         yield f"{prefix}bn{k}", bn
 
 def _indexed(prefix: str, units) -> Iterator[tuple[str, nn.Module]]:
-    "Positions `0, 1, 3, 4, 6, 7, ...` of an `nn.Sequential` holding conv, BN and ReLU per unit."
+    ("Positions `0, 1, 3, 4, 6, 7, ...` of an `nn.Sequential` holding conv, BN and ReLU "
+     "per unit.")
     for k, unit in enumerate(units):
         conv, bn = _conv_bn(unit)
         yield f"{prefix}{3 * k}", conv
@@ -492,7 +496,8 @@ def _resnet_names(m: ResNet):
             yield from _numbered(f"layer{s}.{b}.", [block.conv1, block.conv2])
             if isinstance(block.shortcut, nn.Sequential):
                 yield from zip(
-                    (f"layer{s}.{b}.downsample.0", f"layer{s}.{b}.downsample.1"), block.shortcut
+                    (f"layer{s}.{b}.downsample.0", f"layer{s}.{b}.downsample.1"),
+                    block.shortcut,
                 )
     yield "fc", m.classifier
 
@@ -510,13 +515,16 @@ def _wrn_names(m: WideResNet):
             )
             if block.shortcut is not None:
                 yield p + "convShortcut", block.shortcut
-    yield "bn1", [u for u in m.stages[-1] if isinstance(u, nn.BatchNorm2d)][-1]  # split or not
+    # split or not
+    yield "bn1", [u for u in m.stages[-1] if isinstance(u, nn.BatchNorm2d)][-1]
     yield "fc", m.classifier
 
 
 def _vgg_names(m: VGG):
     for s, stage in enumerate(m.stages):
-        yield from _indexed(f"block{s}.", [u for u in stage if isinstance(u, nn.Sequential)])
+        yield from _indexed(
+            f"block{s}.", [u for u in stage if isinstance(u, nn.Sequential)]
+        )
     yield "classifier", m.classifier
 
 # %% ../nbs/02_models.ipynb #b8c67036
@@ -550,20 +558,25 @@ _PUBLIC_NAMES = {ResNet: _resnet_names, WideResNet: _wrn_names, VGG: _vgg_names,
                  ShuffleNetV2: _shufflev2_names}
 
 def public_key_map(model: nn.Module) -> dict[str, str]:
-    "RepDistiller's state-dict key -> `model`'s, for each tensor of a zoo model in `PUBLIC_ARCHS`."
+    ("RepDistiller's state-dict key -> `model`'s, for each tensor of a zoo model in "
+     "`PUBLIC_ARCHS`.")
     if type(model) not in _PUBLIC_NAMES:
         allowed = ", ".join(c.__name__ for c in _PUBLIC_NAMES)
         raise TypeError(f"model must be one of {allowed}, got {type(model).__name__}")
     ours = {id(module): name for name, module in model.named_modules()}
     key_map = {}
     for theirs, module in _PUBLIC_NAMES[type(model)](model):
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        tensors = [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
         key_map.update({f"{theirs}.{t}": f"{ours[id(module)]}.{t}" for t, _ in tensors})
     return key_map
 
 # %% ../nbs/02_models.ipynb #1c98ab24
 def load_public_state_dict(path_or_state_dict) -> dict[str, Tensor]:
-    "The tensors of a RepDistiller checkpoint `{'epoch', 'model', ...}`, a state dict or a safetensors file."
+    ("The tensors of a RepDistiller checkpoint `{'epoch', 'model', ...}`, a state dict or "
+     "a safetensors file.")
     src = path_or_state_dict
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -572,23 +585,35 @@ def load_public_state_dict(path_or_state_dict) -> dict[str, Tensor]:
             else: sd = torch.load(path, "cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found is None: raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
-            raise ValueError(f"{path}: refused, it holds {found[1]}, more than tensors and plain containers "
-                             "(checkpoints are read with torch.load(weights_only=True) only)") from None
+            if found is None:
+                raise ValueError(f"{path}: not a checkpoint torch.load can read") from None
+            raise ValueError(
+                f"{path}: refused, it holds {found[1]}, more than tensors and plain "
+                "containers "
+                "(checkpoints are read with torch.load(weights_only=True) only)"
+            ) from None
         except (SafetensorError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+            raise ValueError(
+                f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})"
+            ) from None
     elif isinstance(src, Mapping): sd = src
-    else: raise TypeError(f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}")
+    else:
+        raise TypeError(
+            f"path_or_state_dict must be a path or a mapping, got {type(src).__name__}"
+        )
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping): sd = sd["model"]
-    if not isinstance(sd, Mapping): raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
-    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):   # saved from nn.DataParallel
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"a checkpoint holds a dict, got {type(sd).__name__}")
+    # saved from nn.DataParallel
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return dict(sd)
 
 # %% ../nbs/02_models.ipynb #15e8263c
 @functools.cache
 def _public_layout(arch: str) -> tuple[dict[str, tuple], tuple[str, str]]:
-    "`arch`'s shapes under RepDistiller's keys (at one class), and its classifier's weight and bias keys."
+    ("`arch`'s shapes under RepDistiller's keys (at one class), and its classifier's "
+     "weight and bias keys.")
     with torch.device("meta"): model = create_model(arch, 1)
     sd, key_map = model.state_dict(), public_key_map(model)
     inverse = {ours: theirs for theirs, ours in key_map.items()}
@@ -596,7 +621,8 @@ def _public_layout(arch: str) -> tuple[dict[str, tuple], tuple[str, str]]:
             (inverse["classifier.weight"], inverse["classifier.bias"]))
 
 def _first_mismatch(sd: Mapping, arch: str, num_classes: int | None = None) -> str | None:
-    "What first keeps `sd` from being a state dict of `arch`, as a phrase; None if nothing does."
+    ("What first keeps `sd` from being a state dict of `arch`, as a phrase; None if "
+     "nothing does.")
     shapes, classifier = _public_layout(arch)
     if num_classes is None:
         w = sd.get(classifier[0])
@@ -607,8 +633,10 @@ def _first_mismatch(sd: Mapping, arch: str, num_classes: int | None = None) -> s
         if value is None:
             if key.endswith(".num_batches_tracked"): continue
             return f"missing key {key!r}"
-        if not isinstance(value, Tensor): return f"{key!r} is a {type(value).__name__}, not a tensor"
-        if tuple(value.shape) != shape: return f"{key!r} has shape {tuple(value.shape)}, {arch} has {shape}"
+        if not isinstance(value, Tensor):
+            return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if tuple(value.shape) != shape:
+            return f"{key!r} has shape {tuple(value.shape)}, {arch} has {shape}"
         if not (value.is_floating_point() or key.endswith(".num_batches_tracked")):
             return f"{key!r} has dtype {value.dtype}, {arch} needs a floating-point tensor"
     extra = next((k for k in sd if k not in shapes), None)
@@ -617,39 +645,54 @@ def _first_mismatch(sd: Mapping, arch: str, num_classes: int | None = None) -> s
 def infer_public_arch(state_dict: Mapping, # RepDistiller-named tensors
                       num_classes: int | None = None, # None: any number of classes
                      ) -> str:
-    "The public architecture whose keys and shapes `state_dict` has; else a ValueError naming the nearest."
-    mismatch = {arch: _first_mismatch(state_dict, arch, num_classes) for arch in PUBLIC_ARCHS}
+    ("The public architecture whose keys and shapes `state_dict` has; else a ValueError "
+     "naming the nearest.")
+    mismatch = {
+        arch: _first_mismatch(state_dict, arch, num_classes) for arch in PUBLIC_ARCHS
+    }
     match = [arch for arch, m in mismatch.items() if m is None]
     if match: return match[0]
     def closeness(arch):
         shapes = _public_layout(arch)[0]
         common = [k for k in state_dict if k in shapes]
-        return len(common), sum(tuple(getattr(state_dict[k], "shape", ())) == shapes[k] for k in common)
+        return len(common), sum(
+            tuple(getattr(state_dict[k], "shape", ())) == shapes[k] for k in common
+        )
     nearest = max(PUBLIC_ARCHS, key=closeness)
     raise ValueError(f"matches none of the {len(PUBLIC_ARCHS)} public architectures; "
                      f"nearest {nearest}: {mismatch[nearest]}")
 
 # %% ../nbs/02_models.ipynb #44b2c83c
-def from_public_checkpoint(path_or_state_dict, # a file (torch.save or .safetensors) or a state dict
-                           arch: str | None = None, # a name in `PUBLIC_ARCHS`; None: from keys and shapes
-                           source: str = "repdistiller", # "repdistiller" or "mdistiller" (the same names)
-                           num_classes: int | None = None, # None: the classifier's rows in the file
-                           repdistiller_feats: bool = False, # WRN: feats[3] before the final BN + ReLU (f3)
-                          ) -> ZooModel:
-    "A zoo model in eval mode holding a RepDistiller / mdistiller checkpoint's tensors, mapped by name."
+def from_public_checkpoint(
+    path_or_state_dict, # a file (torch.save or .safetensors) or a state dict
+    arch: str | None = None, # a name in `PUBLIC_ARCHS`; None: from keys and shapes
+    source: str = "repdistiller", # "repdistiller" or "mdistiller" (the same names)
+    num_classes: int | None = None, # None: the classifier's rows in the file
+    repdistiller_feats: bool = False, # WRN: feats[3] before the final BN + ReLU (f3)
+) -> ZooModel:
+    ("A zoo model in eval mode holding a RepDistiller / mdistiller checkpoint's tensors, "
+     "mapped by name.")
     check_choice("source", source, PUBLIC_SOURCES)
     if arch is not None: check_choice("arch", arch, PUBLIC_ARCHS)
     if num_classes is not None: _check_positive_int("num_classes", num_classes)
-    what = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else "the state dict"
+    what = (
+        str(path_or_state_dict)
+        if isinstance(path_or_state_dict, (str, os.PathLike))
+        else "the state dict"
+    )
     sd = load_public_state_dict(path_or_state_dict)
     if arch is None:
-        try: arch = infer_public_arch(sd, num_classes)
-        except ValueError as e: raise ValueError(f"{what} is not a {source} checkpoint: it {e}") from None
+        try:
+            arch = infer_public_arch(sd, num_classes)
+        except ValueError as e:
+            raise ValueError(f"{what} is not a {source} checkpoint: it {e}") from None
     elif (mismatch := _first_mismatch(sd, arch, num_classes)) is not None:
         raise ValueError(f"{what} is not a {source} {arch} checkpoint: {mismatch}")
     options = {"split_head": True} if repdistiller_feats and arch.startswith("wrn") else {}
     model = MODELS[arch](sd[_public_layout(arch)[1][0]].shape[0], 3, **options)
     state = model.state_dict()
-    state.update({ours: sd[theirs] for theirs, ours in public_key_map(model).items() if theirs in sd})
+    state.update(
+        {ours: sd[theirs] for theirs, ours in public_key_map(model).items() if theirs in sd}
+    )
     model.load_state_dict(state)
     return model.eval()

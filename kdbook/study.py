@@ -159,40 +159,73 @@ def train_teachers(archs: Sequence[str] | str, data: ImageDataset, seeds: Sequen
 NORMALIZATIONS = ("dataset", "repdistiller")
 
 def with_normalization(data: ImageDataset, normalization: str = "dataset") -> ImageDataset:
-    "`data` normalised with its own statistics, or with RepDistiller's CIFAR-100 ones (what its teachers were trained on)."
+    ("`data` normalised with its own statistics, or with RepDistiller's CIFAR-100 ones "
+     "(what its teachers were trained on).")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+        raise ValueError(
+            f"normalization must be one of {', '.join(NORMALIZATIONS)}, got "
+            f"{normalization!r}"
+        )
     if normalization == "dataset": return data
-    if data.in_channels != 3: raise ValueError(f"normalization 'repdistiller' is for RGB images; {data.name} has "
-                                               f"{data.in_channels} channel(s)")
-    return dataclasses.replace(data, mean=REPDISTILLER_CIFAR100_MEAN, std=REPDISTILLER_CIFAR100_STD)
+    if data.in_channels != 3:
+        raise ValueError(
+            f"normalization 'repdistiller' is for RGB images; {data.name} has "
+            f"{data.in_channels} channel(s)"
+        )
+    return dataclasses.replace(
+        data, mean=REPDISTILLER_CIFAR100_MEAN, std=REPDISTILLER_CIFAR100_STD
+    )
 
 @torch.no_grad()
-def teacher_accuracy(model: nn.Module, data: ImageDataset, device="cpu", batch_size: int = 512) -> float:
-    "Top-1 (%) of `model` on `data`'s test split, in order, un-augmented, normalised with the dataset's statistics."
+def teacher_accuracy(
+    model: nn.Module, data: ImageDataset, device="cpu", batch_size: int = 512
+) -> float:
+    ("Top-1 (%) of `model` on `data`'s test split, in order, un-augmented, normalised with "
+     "the dataset's statistics.")
     model = model.to(device).eval()
-    correct = sum(int((model(x).logits.argmax(1) == y).sum()) for x, y, _ in data.loader("test", batch_size, device=device))
+    correct = sum(
+        int((model(x).logits.argmax(1) == y).sum())
+        for x, y, _ in data.loader("test", batch_size, device=device)
+    )
     model.cpu()
     return 100.0 * correct / len(data.test)
 
-def load_teachers(paths: Sequence, # public checkpoint files (RepDistiller's or mdistiller's format, or safetensors)
-                  data: ImageDataset, # the study's data: classes and channels must match; accuracy measured on its test split
-                  archs: Sequence | None = None, # the architecture of each file (None entries: from the file's keys)
-                  source: str = "repdistiller", device="cpu") -> list:
-    "Teachers from checkpoint files, in eval mode, each with `.info` as a trained teacher's (the key: the weights' digest)."
+def load_teachers(
+    # public checkpoint files (RepDistiller's or mdistiller's format, or safetensors)
+    paths: Sequence,
+    # the study's data: classes and channels must match; accuracy measured on its test split
+    data: ImageDataset,
+    # the architecture of each file (None entries: from the file's keys)
+    archs: Sequence | None = None,
+    source: str = "repdistiller", device="cpu") -> list:
+    ("Teachers from checkpoint files, in eval mode, each with `.info` as a trained "
+     "teacher's (the key: the weights' digest).")
     paths, archs = list(paths), list(archs) if archs is not None else [None] * len(paths)
     if not paths: raise ValueError("load_teachers needs at least one checkpoint file")
     if len(archs) != len(paths):
-        raise ValueError(f"{len(paths)} teacher weight file(s) but {len(archs)} architecture(s): give one per file")
+        raise ValueError(
+            f"{len(paths)} teacher weight file(s) but {len(archs)} architecture(s): give "
+            "one per file"
+        )
     out = []
     for path, arch in zip(paths, archs):
         model = from_public_checkpoint(path, arch=arch, source=source)
         arch = arch or infer_public_arch(load_public_state_dict(path))
         if model.classifier.out_features != data.n_classes or data.in_channels != 3:
-            raise ValueError(f"teacher weights {path} ({arch}) take 3-channel images and give {model.classifier.out_features} "
-                             f"classes; {data.name} has {data.in_channels} channel(s) and {data.n_classes} classes")
-        model.info = {"arch": arch, "seed": None, "key": model_fingerprint(model), "weights": str(path),
-                      "test_top1": teacher_accuracy(model, data, device), "cached": True}
+            raise ValueError(
+                f"teacher weights {path} ({arch}) take 3-channel images and give "
+                f"{model.classifier.out_features} "
+                f"classes; {data.name} has {data.in_channels} channel(s) and "
+                f"{data.n_classes} classes"
+            )
+        model.info = {
+            "arch": arch,
+            "seed": None,
+            "key": model_fingerprint(model),
+            "weights": str(path),
+            "test_top1": teacher_accuracy(model, data, device),
+            "cached": True,
+        }
         out.append(model)
     return out
 

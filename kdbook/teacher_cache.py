@@ -32,7 +32,8 @@ __all__ = ['CACHE_FORMAT', 'DTYPES', 'FLOAT16_MAX', 'FULL_SPLITS', 'n_views', 'v
 def n_views(pad: int, # the crop's zero padding p
             flip: bool, # whether a horizontal flip is drawn
            ) -> int:
-    "How many distinct views of one image the crop (and flip) can make: `(2p+1)² × (2 if flip else 1)`."
+    ("How many distinct views of one image the crop (and flip) can make: `(2p+1)² × (2 if "
+     "flip else 1)`.")
     if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
         raise ValueError(f"pad must be an int >= 0, got {pad!r}")
     return (2 * pad + 1) ** 2 * (2 if flip else 1)
@@ -40,7 +41,8 @@ def n_views(pad: int, # the crop's zero padding p
 def view_slot(views: Tensor, # `kdbook.data.view_index` values
               flip: bool, # whether the cache holds flipped views
              ) -> Tensor:
-    "Each view's row in a cache: its view index, or half of it when no view is flipped (the index is even)."
+    ("Each view's row in a cache: its view index, or half of it when no view is flipped "
+     "(the index is even).")
     return views if flip else views.div(2, rounding_mode="floor")
 
 def slot_offsets(pad: int, flip: bool) -> tuple:
@@ -133,87 +135,132 @@ def _loader_facts(data: ImageDataset) -> dict:
     return _facts(DeviceLoader(data.train, 1, train=False, mean=data.mean, std=data.std))
 
 class TeacherLogitCache:
-    "A built teacher cache: every teacher's logits on every view of every training image, by (image, view)."
-    def __init__(self, folder, # a folder `build_teacher_cache` wrote
-                 device="cpu", # CPU: the file stays memory-mapped; a GPU: the table is copied there once
-                ):
+    ("A built teacher cache: every teacher's logits on every view of every training image, "
+     "by (image, view).")
+    def __init__(
+        self, folder, # a folder `build_teacher_cache` wrote
+        # CPU: the file stays memory-mapped; a GPU: the table is copied there once
+        device="cpu",
+    ):
         self.folder = Path(folder)
         if not (self.folder / "meta.json").exists():
             raise FileNotFoundError(f"no finished teacher cache in {self.folder}")
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        arr = np.load(self.folder / "logits.npy", mmap_mode="c")   # copy-on-write: the file never changes
+        # copy-on-write: the file never changes
+        arr = np.load(self.folder / "logits.npy", mmap_mode="c")
         if list(arr.shape) != self.meta["shape"] or arr.dtype != DTYPES[self.meta["dtype"]]:
-            raise ValueError(f"{self.folder}: logits.npy holds {arr.dtype} {list(arr.shape)}, meta.json says "
-                             f"{self.meta['dtype']} {self.meta['shape']}")
+            raise ValueError(
+                f"{self.folder}: logits.npy holds {arr.dtype} {list(arr.shape)}, meta.json "
+                "says "
+                f"{self.meta['dtype']} {self.meta['shape']}"
+            )
         self.device = torch.device(device)
         self.table = torch.from_numpy(arr)
         if self.device.type != "cpu": self.table = self.table.to(self.device)
-        self.classes, self.pad, self.flip = self.meta["classes"], self.meta["pad"], self.meta["flip"]
+        self.classes, self.pad, self.flip = (
+            self.meta["classes"],
+            self.meta["pad"],
+            self.meta["flip"],
+        )
 
     @property
     def nbytes(self) -> int: return (self.folder / "logits.npy").stat().st_size
 
     def __repr__(self):
         n, v, c = self.meta["shape"]
-        return (f"TeacherLogitCache({n} images × {v} views × {c} logits of {len(self.classes)} teachers, "
-                f"{self.meta['dtype']}, {self.nbytes / 2**20:.1f} MiB)")
+        return (
+            f"TeacherLogitCache({n} images × {v} views × {c} logits of {len(self.classes)} "
+            "teachers, "
+            f"{self.meta['dtype']}, {self.nbytes / 2**20:.1f} MiB)"
+        )
 
     def lookup(self, idx: Tensor, # int64 `[B]` positions in the training split
                views: Tensor, # int64 `[B]` `kdbook.data.view_index` values
               ) -> Tensor | list:
-        "The teachers' logits `[M, B, C]` (a list of `[B, C_m]` for different class sets), as float32."
-        rows = self.table[idx.to(self.table.device), view_slot(views, self.flip).to(self.table.device)]
+        ("The teachers' logits `[M, B, C]` (a list of `[B, C_m]` for different class "
+         "sets), as float32.")
+        rows = self.table[
+            idx.to(self.table.device), view_slot(views, self.flip).to(self.table.device)
+        ]
         parts = rows.to(idx.device, non_blocking=True).float().split(self.classes, dim=1)
-        return torch.stack(parts) if len(set(self.classes)) == 1 else [p.contiguous() for p in parts]
+        return (
+            torch.stack(parts)
+            if len(set(self.classes)) == 1
+            else [p.contiguous() for p in parts]
+        )
 
     def check_loader(self, dl: DeviceLoader) -> None:
-        "Raise a ValueError unless `dl` serves the cached training split with the cached views."
+        ("Raise a ValueError unless `dl` serves the cached training split with the cached "
+         "views.")
         want = {"images": self.meta["n_images"], "pad": self.pad, "flip": self.flip,
                 **{k: self.meta[k] for k in ("pixels", "scale", "shift")}}
         got = {"images": len(dl.x), "pad": dl.pad, "flip": dl.flip, **_facts(dl)}
-        diff = "; ".join(f"{k}: cache {want[k]}, loader {got[k]}" for k in want if want[k] != got[k])
-        if diff: raise ValueError(f"this teacher cache was built for other training data or views ({diff})")
+        diff = "; ".join(
+            f"{k}: cache {want[k]}, loader {got[k]}" for k in want if want[k] != got[k]
+        )
+        if diff:
+            raise ValueError(
+                f"this teacher cache was built for other training data or views ({diff})"
+            )
 
 # %% ../nbs/09_teacher_cache.ipynb #25ce5b8f
-def build_teacher_cache(teachers, # trained teachers (models returning `ModelOut`), or their `TeacherBank`
-                        data: ImageDataset, # its training split is cached, under its normalisation
-                        pad: int | None = None, flip: bool | None = None, # default: `data.pad`, `data.flip`
-                        dtype: str = "float32", # "float32": exact; "float16": half the disk, rounded
-                        device="cpu", # where the teachers run (and, for a GPU, where the table is read)
-                        root: str | Path | None = None, # default: `cache_dir("teachers") / "logits"`
-                        batch_size: int = 256, progress=False, # True: a bar; or a function `(done, total)`
-                       ) -> TeacherLogitCache:
-    "Every teacher's logits on every view of every training image, computed once with the `TeacherBank`."
+def build_teacher_cache(
+    teachers, # trained teachers (models returning `ModelOut`), or their `TeacherBank`
+    data: ImageDataset, # its training split is cached, under its normalisation
+    pad: int | None = None, flip: bool | None = None, # default: `data.pad`, `data.flip`
+    dtype: str = "float32", # "float32": exact; "float16": half the disk, rounded
+    device="cpu", # where the teachers run (and, for a GPU, where the table is read)
+    root: str | Path | None = None, # default: `cache_dir("teachers") / "logits"`
+    batch_size: int = 256, progress=False, # True: a bar; or a function `(done, total)`
+) -> TeacherLogitCache:
+    ("Every teacher's logits on every view of every training image, computed once with the "
+     "`TeacherBank`.")
     pad, flip = data.pad if pad is None else pad, data.flip if flip is None else bool(flip)
     V, device = n_views(pad, flip), resolve_device(str(device))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    bank = (teachers if isinstance(teachers, TeacherBank) else TeacherBank(list(teachers))).to(device)
+    bank = (
+        teachers if isinstance(teachers, TeacherBank) else TeacherBank(list(teachers))
+    ).to(device)
     spec = teacher_cache_spec(bank, data, pad, flip, dtype, device)
     root = Path(root) if root is not None else cache_dir("teachers") / "logits"
     folder = root / teacher_cache_key(spec)
-    with file_lock(root / f"{folder.name}.lock"):   # one builder at a time; the others then open its result
+    # one builder at a time; the others then open its result
+    with file_lock(root / f"{folder.name}.lock"):
         if not (folder / "meta.json").exists():
-            for stale in root.glob(f".{folder.name}.tmp-*"): shutil.rmtree(stale)   # a killed build
+            # a killed build
+            for stale in root.glob(f".{folder.name}.tmp-*"): shutil.rmtree(stale)
             shape = (len(data.train), V, sum(bank.num_classes))
             def write(tmp: Path):
                 t0 = time.perf_counter()
-                arr = np.lib.format.open_memmap(tmp / "logits.npy", "w+", DTYPES[dtype], shape)
+                arr = np.lib.format.open_memmap(
+                    tmp / "logits.npy", "w+", DTYPES[dtype], shape
+                )
                 _fill(arr, bank, data, pad, flip, device, batch_size, progress)
                 arr.flush(); del arr
                 meta = spec | {"shape": list(shape), "seconds": time.perf_counter() - t0}
                 meta |= _loader_facts(data)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            atomic_write_dir(folder, write)   # files fsynced, then one rename: the folder is whole or absent
+            # files fsynced, then one rename: the folder is whole or absent
+            atomic_write_dir(folder, write)
     return TeacherLogitCache(folder, device)
 
 # %% ../nbs/09_teacher_cache.ipynb #986ec9ff
-def cache_bytes(n_images: int, pad: int, flip: bool, n_logits: int, dtype: str = "float32") -> int:
-    "The size of a cache's table: images × views × logits (all teachers) × bytes per number."
-    return n_images * n_views(pad, flip) * n_logits * np.dtype(DTYPES[_check_dtype(dtype)]).itemsize
+def cache_bytes(
+    n_images: int, pad: int, flip: bool, n_logits: int, dtype: str = "float32"
+) -> int:
+    ("The size of a cache's table: images × views × logits (all teachers) × bytes per "
+     "number.")
+    return (
+        n_images
+        * n_views(pad, flip)
+        * n_logits
+        * np.dtype(DTYPES[_check_dtype(dtype)]).itemsize
+    )
 
 def reads_logits_only(method: Method) -> bool:
-    "Whether each step of `method` needs the teachers' logits and nothing else (a cache can serve it)."
+    ("Whether each step of `method` needs the teachers' logits and nothing else (a cache "
+     "can serve it).")
     return method.needs_teachers and method.teacher_outputs and not method.teacher_feats
 
 def _size(n: float) -> str:
@@ -228,37 +275,53 @@ class CachePlan:
     nbytes: int # the table's size
     methods: list # labels of the methods that would read it
 
-def plan_teacher_cache(mode: str, # "auto": when it saves teacher passes; "on": whenever it fits; "off"
-                       methods: Mapping[str, Method], # label -> a method instance (only its needs are read)
-                       n_images: int, pad: int, flip: bool, # the training split and its views
-                       n_logits: int, # all teachers' classes together
-                       seeds: int, epochs: int, # the study's runs of each method
-                       dtype: str = "float32",
-                       max_bytes: float = 8 * 2**30, # refuse a bigger table (the teachers then run live)
-                       root: str | Path | None = None, # where it would be written (its free space is checked)
-                      ) -> CachePlan:
-    "Build a cache when `mode` asks for it and it fits; under 'auto' only when it takes fewer teacher passes."
+def plan_teacher_cache(
+    mode: str, # "auto": when it saves teacher passes; "on": whenever it fits; "off"
+    methods: Mapping[str, Method], # label -> a method instance (only its needs are read)
+    n_images: int, pad: int, flip: bool, # the training split and its views
+    n_logits: int, # all teachers' classes together
+    seeds: int, epochs: int, # the study's runs of each method
+    dtype: str = "float32",
+    max_bytes: float = 8 * 2**30, # refuse a bigger table (the teachers then run live)
+    root: str | Path | None = None, # where it would be written (its free space is checked)
+) -> CachePlan:
+    ("Build a cache when `mode` asks for it and it fits; under 'auto' only when it takes "
+     "fewer teacher passes.")
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"teacher cache mode must be auto, on or off, got {mode!r}")
     users = [label for label, m in methods.items() if reads_logits_only(m)]
-    nbytes, N, V = cache_bytes(n_images, pad, flip, n_logits, dtype), n_images, n_views(pad, flip)
+    nbytes, N, V = (
+        cache_bytes(n_images, pad, flip, n_logits, dtype),
+        n_images,
+        n_views(pad, flip),
+    )
     build, live, views = V * N, len(users) * seeds * epochs * N, f"{V} view{'s' * (V != 1)}"
     def plan(use, why): return CachePlan(use, "teacher cache: " + why, nbytes, users)
     if mode == "off": return plan(False, "off; the teachers run at every step")
-    if not users: return plan(False, "not built: no method here reads the teachers' logits alone")
+    if not users:
+        return plan(False, "not built: no method here reads the teachers' logits alone")
     if mode == "auto" and build >= live:
         return plan(False, f"not built: {views} × {N:,} images = {build:,} teacher passes, "
                            f"no fewer than the runs' {live:,}")
     if nbytes > max_bytes:
-        return plan(False, f"not built: {_size(nbytes)} is over the limit of {_size(max_bytes)} "
-                           "(--teacher-cache-limit); the teachers run live")
+        return plan(
+            False,
+            f"not built: {_size(nbytes)} is over the limit of {_size(max_bytes)} "
+            "(--teacher-cache-limit); the teachers run live",
+        )
     root = Path(root) if root is not None else cache_dir("teachers") / "logits"
     free = shutil.disk_usage(next(p for p in [root, *root.parents] if p.exists())).free
     if nbytes > free:
-        return plan(False, f"not built: {_size(nbytes)} is more than the {_size(free)} free on disk; "
-                           "the teachers run live")
-    return plan(True, f"{views} × {N:,} images = {build:,} teacher passes instead of {live:,}, "
-                      f"{_size(nbytes)}")
+        return plan(
+            False,
+            f"not built: {_size(nbytes)} is more than the {_size(free)} free on disk; "
+            "the teachers run live",
+        )
+    return plan(
+        True,
+        f"{views} × {N:,} images = {build:,} teacher passes instead of {live:,}, "
+        f"{_size(nbytes)}",
+    )
 
 # %% ../nbs/09_teacher_cache.ipynb #c15c606e
 def prepare_teacher_cache(mode: str, teachers: Sequence[nn.Module], data: ImageDataset,
