@@ -507,7 +507,8 @@ def test_no_code_line_runs_past_its_box(site):
         const boxes = [...document.querySelectorAll('pre[data-page]')];
         const inner = boxes.length ? boxes[0].clientWidth - pad : 0;
         const over = boxes.filter(b => b.scrollWidth > b.clientWidth + 1);
-        const wrapped = boxes.filter(b => b.getBoundingClientRect().height > 1.5 * parseFloat(cs.lineHeight || 20) + pad);
+        const one = p.getBoundingClientRect().height;   // one line and its padding, as every box has
+        const wrapped = boxes.filter(b => b.getBoundingClientRect().height > 1.5 * one);
         return {chars: Math.floor(inner / ch), n: boxes.length, over: over.map(b => b.dataset.page + ': ' + b.textContent.slice(0, 60)),
                 wrapped: wrapped.length}; })()""")
     line = (f"code boxes: {r['chars']} characters wide at the site's column ({BODY_PX} px, code-overflow: "
