@@ -34,7 +34,8 @@ def free_energy(logits: Tensor, # a head's logits `[..., K]`
 
 # %% ../nbs/13_mec.ipynb #79b4ca30
 def head_layout(tasks) -> tuple:
-    ("For heads over the class groups `tasks`: `index [N, K_max]`, the global class of each "
+    ("For heads over the class groups `tasks`: `index [N, K_max]`, the global class of "
+     "each "
      "head's slot (0 where padded), and `valid [N, K_max]`.")
     kmax = max(len(t) for t in tasks)
     index = torch.zeros(len(tasks), kmax, dtype=torch.int64)
@@ -57,7 +58,13 @@ def mec_scores(union: Tensor, index: Tensor, valid: Tensor) -> Tensor:
      "argmax within a task = that head's; top-k walks the heads by −F.")
     union = upcast(union)
     # 0: the lowest −F
-    rank = head_free_energies(union, index, valid).neg().argsort(-1).argsort(-1).to(union.dtype)
+    rank = (
+        head_free_energies(union, index, valid)
+        .neg()
+        .argsort(-1)
+        .argsort(-1)
+        .to(union.dtype)
+    )
     within = torch.softmax(padded_heads(union, index, valid), -1)
     scores = torch.empty_like(union)
     scores[:, index[valid]] = (within + 2 * rank.unsqueeze(-1))[:, valid]
@@ -77,15 +84,17 @@ def reconstruction_norm(rec: Tensor, f: Tensor) -> Tensor:
     return (upcast(rec) - upcast(f)).flatten(1).norm(dim=1).mean()
 
 # %% ../nbs/13_mec.ipynb #439be389
-def memory_data(am: Amalgamation, # the setting: data and the experts' class groups
-                experts,          # expert m's network (over its own classes), returning `ModelOut`
-                k: int = 20,      # exemplars per class (20 in §5.2)
-                # passes over the memory per epoch (evaluation runs once per epoch)
-                repeat: int = 1,
-                # where the experts compute the features (None: where their parameters are)
-                device=None,
-               ) -> ImageDataset:
-    ("The exemplar memory (§5.2): per class the `k` training samples whose expert features lie "
+def memory_data(
+    am: Amalgamation, # the setting: data and the experts' class groups
+    experts,          # expert m's network (over its own classes), returning `ModelOut`
+    k: int = 20,      # exemplars per class (20 in §5.2)
+    # passes over the memory per epoch (evaluation runs once per epoch)
+    repeat: int = 1,
+    # where the experts compute the features (None: where their parameters are)
+    device=None,
+) -> ImageDataset:
+    ("The exemplar memory (§5.2): per class the `k` training samples whose expert features "
+     "lie "
      "nearest the class mean (L2); the whole test split.")
     check_int("memory size k", k, 1)
     check_int("repeat", repeat, 1)
@@ -98,8 +107,10 @@ def memory_data(am: Amalgamation, # the setting: data and the experts' class gro
         ed = am.expert_data(m)
         fewest = int(torch.bincount(ed.train.y).min())
         if fewest < k:
-            raise ValueError(f"memory size k={k} is more than the {fewest} training samples "
-                             f"of a class of expert {m}")
+            raise ValueError(
+                f"memory size k={k} is more than the {fewest} training samples "
+                f"of a class of expert {m}"
+            )
         was = e.training
         e.eval().to(device or next(e.parameters()).device)
         with torch.no_grad():
@@ -115,8 +126,11 @@ def memory_data(am: Amalgamation, # the setting: data and the experts' class gro
 
 # %% ../nbs/13_mec.ipynb #e94f3c19
 def _pool_to(f: Tensor, size: tuple) -> Tensor:
-    "An expert's feature map average-pooled to the student's spatial size (kept when they match)."
-    return upcast(f) if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(upcast(f), size)
+    ("An expert's feature map average-pooled to the student's spatial size (kept when they "
+     "match).")
+    return (
+        upcast(f) if tuple(f.shape[-2:]) == size else F.adaptive_avg_pool2d(upcast(f), size)
+    )
 
 @register_method
 class MEC(Amalgamating):
@@ -126,20 +140,22 @@ class MEC(Amalgamating):
     chapter = "mec"
     paper = ("Multi-Expert Collaboration (anonymous, under review): one head per expert, "
              "Helmholtz free energy anchored to Δ")
-    def __init__(self, T: float = 4.0,        # temperature of the per-head KD (Eq. 10)
-                 gamma: float = 1.0,          # weight of the CE over all heads (1 in Eq. 11)
-                 lam1: float = 1.0,           # λ1: weight of MERL's L_M + L_R
-                 lam2: float = 0.1,           # λ2: weight of the anchor loss + Σ per-head KD
-                 delta: float = -5.0,         # Δ: the free-energy anchor (Eq. 9)
-                 hidden: int = 0,             # common space's channels (0: half the student's)
-                 merl: bool = True,           # multi-expert representation learning (Eq. 4–6)
-                 cal: bool = True):           # the heads, anchor and per-head KD (False: one head)
+    def __init__(
+        self, T: float = 4.0,        # temperature of the per-head KD (Eq. 10)
+        gamma: float = 1.0,          # weight of the CE over all heads (1 in Eq. 11)
+        lam1: float = 1.0,           # λ1: weight of MERL's L_M + L_R
+        lam2: float = 0.1,           # λ2: weight of the anchor loss + Σ per-head KD
+        delta: float = -5.0,         # Δ: the free-energy anchor (Eq. 9)
+        hidden: int = 0,             # common space's channels (0: half the student's)
+        merl: bool = True,           # multi-expert representation learning (Eq. 4–6)
+        cal: bool = True):           # the heads, anchor and per-head KD (False: one head)
         super().__init__(T, gamma)
         self.lam1, self.lam2 = check_nonneg("lam1", lam1), check_nonneg("lam2", lam2)
         self.delta = check_finite("delta", delta)
         check_int("hidden", hidden, 0)
         for k, v in (("merl", merl), ("cal", cal)):
-            if not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
+            if not isinstance(v, bool):
+                raise ValueError(f"{k} must be True or False, got {v!r}")
         self.hidden, self.merl, self.cal = hidden, merl, cal
         self.teacher_feats = merl   # the experts' feature maps are read only for MERL
 
@@ -148,15 +164,18 @@ class MEC(Amalgamating):
         if self.cal:
             # every head in one matrix, rows in class order
             self.heads = nn.Linear(s.pooled.shape[1], s.logits.shape[1])
-            # the student's own classifier is not used: frozen, so no optimizer step and no DDP
+            # the student's own classifier is not used: frozen, so no optimizer step and no
+            # DDP
             # bucket waits for it
             if isinstance(getattr(student, "classifier", None), nn.Module):
                 student.classifier.requires_grad_(False)
         if self.merl:
             fs, fts = s.feats[-1], [f[-1] for f in bank(batch[0], feats=True).feats]
             if fs.dim() != 4:
-                raise ValueError("MERL aligns feature maps: the student's last feature is not "
-                                 "a [B, C, H, W] map")
+                raise ValueError(
+                    "MERL aligns feature maps: the student's last feature is not "
+                    "a [B, C, H, W] map"
+                )
             self._size = tuple(fs.shape[-2:])
             h = self.hidden or max(1, fs.shape[1] // 2)
             self.common = CommonSpace(fs.shape[1], [f.shape[1] for f in fts], h)
@@ -186,16 +205,21 @@ class MEC(Amalgamating):
     def anchor_loss(self, u: Tensor, y: Tensor) -> Tensor:
         "Eq. 9 summed over the heads: per head, the mean of (F^m(x) − Δ)² in-stage."
         m = self._task_of[y]
-        F_own = head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1)
+        F_own = (
+            head_free_energies(u, self._index, self._valid).gather(1, m[:, None]).squeeze(1)
+        )
         sq = (F_own - self.delta) ** 2
         n, d = len(self._tasks), current()
         # under DDP each rank's sum goes over the global count, times the world size
         # (DDP averages the ranks' losses)
         counts = all_reduce(torch.bincount(m, minlength=n), "sum")
-        return (d.world_size * sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)).sum()
+        return (
+            d.world_size * sq.new_zeros(n).index_add(0, m, sq) / counts.clamp_min(1)
+        ).sum()
 
     def head_kd(self, u: Tensor, t) -> Tensor:
-        "Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m/T) ‖ softmax(head m/T)), all samples."
+        ("Σ_m Eq. 10 as it must read: T²·KL(softmax(expert m/T) ‖ softmax(head m/T)), all "
+         "samples.")
         pairs = zip(self._tasks, t.logits)
         return sum(kd_loss(u[:, task], upcast(tl), self.T) for task, tl in pairs)
 
@@ -212,8 +236,12 @@ class MEC(Amalgamating):
             u = self.head_logits(s)
             out["ce"], out["anchor"] = F.cross_entropy(u, y), self.anchor_loss(u, y)
             out["kd"] = self.head_kd(u, t)
-        else:   # MERL only: the single head, distilled from the concatenated target as KA does
-            out["ce"], out["kd"] = F.cross_entropy(upcast(s.logits), y), self.soft_loss(s, t)
+        # MERL only: the single head, distilled from the concatenated target as KA does
+        else:
+            out["ce"], out["kd"] = (
+                F.cross_entropy(upcast(s.logits), y),
+                self.soft_loss(s, t),
+            )
             out["anchor"] = torch.zeros_like(out["ce"])
         if self.merl: out["merl_m"], out["merl_r"] = self.merl_losses(s, t)
         feat = out["merl_m"] + out["merl_r"] if self.merl else 0.0
@@ -222,17 +250,24 @@ class MEC(Amalgamating):
         return out
 
     def predict(self, s: ModelOut) -> Tensor:
-        "Eq. 12–13 through `mec_scores` with the heads; the single head's logits without them."
-        return mec_scores(self.head_logits(s), self._index, self._valid) if self.cal else s.logits
+        ("Eq. 12–13 through `mec_scores` with the heads; the single head's logits without "
+         "them.")
+        return (
+            mec_scores(self.head_logits(s), self._index, self._valid)
+            if self.cal
+            else s.logits
+        )
 
     def record(self) -> dict:
         return {"heads_from_experts": list(getattr(self, "copied", []))}
 
 # %% ../nbs/13_mec.ipynb #ce45f989
-def mec_speed(data: ImageDataset,    # e.g. `kdbook.data.synthetic_dataset(10, (1, 28, 28))`
-              n_experts: int = 5, batch: int = 64, reps: int = 20, student: str = "cnn_small",
-              device: str = "cpu") -> dict:
-    ("Seconds per training step of KA, MEC with CAL only, MERL only and both (untrained experts "
+def mec_speed(
+    data: ImageDataset,    # e.g. `kdbook.data.synthetic_dataset(10, (1, 28, 28))`
+    n_experts: int = 5, batch: int = 64, reps: int = 20, student: str = "cnn_small",
+    device: str = "cpu") -> dict:
+    ("Seconds per training step of KA, MEC with CAL only, MERL only and both (untrained "
+     "experts "
      "alternating cnn_small/resnet8); ratios to KA.")
     am = Amalgamation.split(data, n_experts, seed=0)
     c = data.in_channels
@@ -240,17 +275,25 @@ def mec_speed(data: ImageDataset,    # e.g. `kdbook.data.synthetic_dataset(10, (
     archs = ("cnn_small", "resnet8")
     experts = [create_model(archs[m % 2], len(t), c) for m, t in enumerate(am.tasks)]
     s0 = create_model(student, data.n_classes, c)
-    makers = {"ka": KA, "cal_only": lambda: MEC(merl=False), "merl_only": lambda: MEC(cal=False),
-              "mec": MEC}
+    makers = {
+        "ka": KA,
+        "cal_only": lambda: MEC(merl=False),
+        "merl_only": lambda: MEC(cal=False),
+        "mec": MEC,
+    }
     steps = {}
     for name, make in makers.items():
-        cfg = TrainConfig(epochs=1, batch_size=batch, device=device, optimizer="adam", lr=1e-3)
+        cfg = TrainConfig(
+            epochs=1, batch_size=batch, device=device, optimizer="adam", lr=1e-3
+        )
         d = Distiller(copy.deepcopy(s0), make(), data, teachers=experts, progress=False,
                       tasks=am.tasks, cfg=cfg)
         d.setup()
         b = next(iter(d.train_dl))
         steps[name] = (lambda d=d, b=b: d.train_step(b))
-    times = dict(zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device)))
+    times = dict(
+        zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device))
+    )
     return {"experts": n_experts, "batch": batch, "student": student,
             **{f"t_{k}": v for k, v in times.items()},
             **{f"{k}_vs_ka": v / times["ka"] for k, v in times.items() if k != "ka"}}
@@ -274,13 +317,23 @@ PAPER_RESULTS = {   # MEC paper, top-1 (%)
 def first_experts(am: Amalgamation, # the full setting
                   n: int,           # how many of its experts, from the first
                  ) -> Amalgamation:
-    ("The setting of the first `n` experts: the data of their classes only, relabelled 0..K'−1 in "
+    ("The setting of the first `n` experts: the data of their classes only, relabelled "
+     "0..K'−1 in "
      "class order, and their tasks renumbered.")
     check_int("n", n, 1, len(am.tasks))
     keep, d = torch.cat(am.tasks[:n]).sort().values, am.data
     new = torch.full((d.n_classes,), -1, dtype=torch.int64)
     new[keep] = torch.arange(len(keep))
     train, test = _relabel(d.train, keep, d.n_classes), _relabel(d.test, keep, d.n_classes)
-    sub = ImageDataset(f"{d.name}:first{n}", train, test, [d.classes[i] for i in keep.tolist()],
-                       d.mean, d.std, d.pad, d.flip, d.source)
+    sub = ImageDataset(
+        f"{d.name}:first{n}",
+        train,
+        test,
+        [d.classes[i] for i in keep.tolist()],
+        d.mean,
+        d.std,
+        d.pad,
+        d.flip,
+        d.source,
+    )
     return Amalgamation(sub, [new[t] for t in am.tasks[:n]])
