@@ -28,16 +28,18 @@ __all__ = ['GRAMS', 'HINT_FORMS', 'PAPER_RESULTS', 'scipy_slack_primal', 'capped
            'hint_weights', 'AEKD', 'AEKDFeat', 'capped_simplex_vertices', 'public_code_step', 'aekd_speed']
 
 # %% ../nbs/10_aekd.ipynb #38006519
-def scipy_slack_primal(grads: np.ndarray, # the teachers' gradients `[M, K]`, one per row
-                       C: float, # the price of a unit of slack
-                      ) -> tuple: # (optimal value, d `[K]`, v, ξ `[M]`), in Eq. 9's variables
-    "Reference oracle (checks only; needs scipy): Eq. 9's primal over x = (d, v, ξ), with SLSQP."
+def scipy_slack_primal(
+    grads: np.ndarray, # the teachers' gradients `[M, K]`, one per row
+    C: float, # the price of a unit of slack
+) -> tuple: # (optimal value, d `[K]`, v, ξ `[M]`), in Eq. 9's variables
+    ("Reference oracle (checks only; needs scipy): Eq. 9's primal over x = (d, v, ξ), with "
+     "SLSQP.")
     from scipy.optimize import minimize
     M, K = grads.shape
     f = lambda x: x[K] + C * x[K + 1:].sum() + 0.5 * x[:K] @ x[:K]
     # the constraints ⟨g_m, d⟩ ≤ v + ξ_m, then ξ_m ≥ 0
     cons = [{"type": "ineq", "fun": lambda x: x[K] + x[K + 1:] - grads @ x[:K]},
-            {"type": "ineq", "fun": lambda x: x[K + 1:]}]                           # ξ_m ≥ 0
+            {"type": "ineq", "fun": lambda x: x[K + 1:]}]  # ξ_m ≥ 0
     r = minimize(
         f,
         np.zeros(K + 1 + M),
@@ -48,15 +50,17 @@ def scipy_slack_primal(grads: np.ndarray, # the teachers' gradients `[M, K]`, on
     return r.fun, r.x[:K], r.x[K], r.x[K + 1:]
 
 # %% ../nbs/10_aekd.ipynb #c1d8c0c5
-def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch shape
-                              C: float, # the cap, in [1/M, 1]
-                             ) -> Tensor: # the projections `[..., M]` onto {Σα = 1, 0 ≤ α ≤ C}
+def capped_simplex_projection(
+    v: Tensor, # points `[..., M]`, any leading batch shape
+    C: float, # the cap, in [1/M, 1]
+) -> Tensor: # the projections `[..., M]` onto {Σα = 1, 0 ≤ α ≤ C}
     """Euclidean projection of each row of `v` onto the capped simplex, by the breakpoints of
     $\\tau \\mapsto \\sum_m \\mathrm{clip}(v_m - \\tau, 0, C)$."""
     M = v.shape[-1] if v.dim() else 0
     if M == 0:
         raise ValueError(
-            f"v must have M >= 1 coordinates in its last dimension, got shape {tuple(v.shape)}"
+            "v must have M >= 1 coordinates in its last dimension, got shape "
+            f"{tuple(v.shape)}"
         )
     if (
         isinstance(C, bool)
@@ -65,7 +69,8 @@ def capped_simplex_projection(v: Tensor, # points `[..., M]`, any leading batch 
         or not 1 / M - 1e-12 <= C <= 1 + 1e-12
     ):
         raise ValueError(
-            f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M}, got C={C!r} (below 1/M no point"
+            f"C must be in [1/M, 1] = [{1 / M:.6g}, 1] for M={M}, got C={C!r} (below 1/M "
+            "no point"
             " sums to 1)"
         )
     bp = torch.cat([v, v - C], -1)
@@ -91,16 +96,21 @@ def _start(a0: Tensor | None, G: Tensor, C: float, snap: float = 1e-6) -> tuple:
         a = torch.full((*G.shape[:-1], 1), 1 / M, dtype=G.dtype, device=G.device)
     else:
         a0 = a0.to(G).expand(G.shape[:-1])
-        # a float32 copy of last step's weights sits 1e-8 off its bounds; pushed far out, the
-        # projection clips those back onto the bounds exactly, so they start in the working set
+        # a float32 copy of last step's weights sits 1e-8 off its bounds; pushed far out,
+        # the
+        # projection clips those back onto the bounds exactly, so they start in the working
+        # set
         # instead of costing one iteration each
         a = capped_simplex_projection(
             torch.where(a0 <= snap, -1.0, torch.where(a0 >= C - snap, 2.0, a0)), C
         )[..., None]
     w = (a == 0).to(G.dtype) - (a == C).to(G.dtype)
-    # λ is defined only if some weight is free: at a vertex free the largest one (the Newton step is
+    # λ is defined only if some weight is free: at a vertex free the largest one (the Newton
+    # step is
     # then 0)
-    w = torch.where((w != 0).all(-2, keepdim=True) & (a == a.amax(-2, keepdim=True)), 0.0, w)
+    w = torch.where(
+        (w != 0).all(-2, keepdim=True) & (a == a.amax(-2, keepdim=True)), 0.0, w
+    )
     pad = torch.zeros_like(a[..., :1, :])
     return torch.cat([a, pad], -2), torch.cat([w, pad], -2)
 
@@ -122,7 +132,7 @@ def _active_set(G: Tensor, a: Tensor, w: Tensor, C: float, max_iter: int, stop: 
     M = G.shape[-1]
     idx = torch.arange(M + 1, device=G.device)[:, None]
     K, negE = _kkt_matrix(G, prox), -torch.eye(M + 1, dtype=G.dtype, device=G.device)
-    nG = F.pad(-G, (0, 1, 0, 1))                               # -G with a zero row and column for λ
+    nG = F.pad(-G, (0, 1, 0, 1))  # -G with a zero row and column for λ
     inf = torch.tensor(torch.inf, dtype=G.dtype, device=G.device)
     lo, hi = torch.zeros_like(idx, dtype=G.dtype), torch.full_like(idx, C, dtype=G.dtype)
     # λ's entry is unbounded: it never blocks a step
@@ -130,15 +140,18 @@ def _active_set(G: Tensor, a: Tensor, w: Tensor, C: float, max_iter: int, stop: 
     up_sign, down_sign = -torch.ones_like(lo), torch.ones_like(lo)
     for _ in range(max_iter):
         free = w == 0
-        # a held weight's column becomes -e_i: its unknown is then g_i - λ at the full step, the
-        # bound's multiplier up to sign, and the free weights' unknowns are the Newton step p
+        # a held weight's column becomes -e_i: its unknown is then g_i - λ at the full step,
+        # the
+        # bound's multiplier up to sign, and the free weights' unknowns are the Newton step
+        # p
         # with Σp = 0
         u, _ = torch.linalg.solve_ex(torch.where(free.mT, K, negE), nG @ a)
         p = u * free
         up = p > 0
         bound = torch.where(up, hi, lo)
         ap = p.abs()
-        # per unit of step, how far each weight goes towards its bound; a |p| at rounding level
+        # per unit of step, how far each weight goes towards its bound; a |p| at rounding
+        # level
         # cannot block
         r, j = torch.where(ap > 1e-15, ap / (bound - a).abs(), 0.0).max(-2, keepdim=True)
         blocked = r > 1
@@ -179,9 +192,11 @@ def capped_simplex_min_norm(
     G: Tensor, # Gram matrices `[..., M, M]` of the teachers' gradients
     C: float, # the cap on each weight, in [1/M, 1] (1/M: AVER, 1: MGDA)
     *,
-    a0: Tensor | None = None, # a warm start `[..., M]` near the capped simplex (e.g. last step's)
+    # a warm start `[..., M]` near the capped simplex (e.g. last step's)
+    a0: Tensor | None = None,
     max_iter: int | None = None, # active-set iterations at most; None: 2·M + 10
-    early_stop: bool | None = None, # stop once the KKT conditions hold (a host sync); None: on CPU
+    # stop once the KKT conditions hold (a host sync); None: on CPU
+    early_stop: bool | None = None,
     check: bool = True, # validate C and G (reads values back to the host)
 ) -> Tensor: # weights `[..., M]` on the capped simplex, G's dtype and device
     """Exact minimiser of $\\frac12\\alpha^\\top G\\alpha$ over
@@ -222,17 +237,25 @@ def scipy_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`
                                "jac": lambda a: np.ones(M)}],
                  options=dict(ftol=1e-16, maxiter=2000))
     if not _feasible(r.x, C):
-        r = minimize(f, np.full(M, 1 / M), jac=jac, hess=lambda a: G, method="trust-constr",
-                     constraints=[LinearConstraint(np.ones((1, M)), 1, 1)], bounds=Bounds(0, C),
-                     options=dict(gtol=1e-14, xtol=1e-14, maxiter=5000))
+        r = minimize(
+            f,
+            np.full(M, 1 / M),
+            jac=jac,
+            hess=lambda a: G,
+            method="trust-constr",
+            constraints=[LinearConstraint(np.ones((1, M)), 1, 1)],
+            bounds=Bounds(0, C),
+            options=dict(gtol=1e-14, xtol=1e-14, maxiter=5000),
+        )
     if not _feasible(r.x, C):
         raise RuntimeError(f"no scipy method returned a feasible point (M={M}, C={C})")
     return r.x
 
 # %% ../nbs/10_aekd.ipynb #55561c11
-def brute_force_min_norm(G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, so M ≤ 6 or so
-                         C: float, # the cap, in [1/M, 1]
-                        ) -> np.ndarray: # the best weights `[M]`
+def brute_force_min_norm(
+    G: np.ndarray, # one Gram matrix `[M, M]`; 3^M faces, so M ≤ 6 or so
+    C: float, # the cap, in [1/M, 1]
+) -> np.ndarray: # the best weights `[M]`
     """Reference oracle (checks only): enumerate the faces (each coordinate at 0, at C, or free);
     the best feasible KKT point."""
     M = len(G); best, best_a = np.inf, None
@@ -281,7 +304,9 @@ def ocsvm_weights(G: Tensor, # one Gram matrix `[M, M]`
     from sklearn.svm import OneClassSVM
     M = G.shape[-1]
     nu = min(max(1 / (_check_cap(C, M) * M), 1 / M), 1.0)
-    svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(G.detach().double().cpu().numpy())
+    svm = OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6).fit(
+        G.detach().double().cpu().numpy()
+    )
     a = torch.zeros(M, dtype=torch.float64)
     a[torch.from_numpy(svm.support_)] = torch.from_numpy(svm.dual_coef_[0]) / (M * nu)
     return a
@@ -291,8 +316,10 @@ GRAMS = ("sum", "mean", "sample")
 
 def logit_gram(
     g: Tensor, # per-sample logit gradients `[M, B, K]`
-    gram: str = "sum", # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
-    sync: bool = False, # under DDP: the Gram of the global batch (every rank solves the same QP)
+    # "sum" (Eq. 13, Z = the batch's logits), "mean" (the public code), "sample"
+    gram: str = "sum",
+    # under DDP: the Gram of the global batch (every rank solves the same QP)
+    sync: bool = False,
 ) -> Tensor: # `[M, M]`, or `[B, M, M]` for "sample"
     """The Gram matrix AE-KD's QP is solved on: Σ_b G_b (Eq. 13), the Gram of the batch-mean
     gradients (the code), or each G_b."""
@@ -322,7 +349,8 @@ def aekd_weights(
     Eq. 14."""
     if t_logits.dim() != 3 or t_logits.shape[1:] != s_logits.shape or len(t_logits) == 0:
         raise ValueError(
-            f"t_logits must have shape [M, {', '.join(map(str, s_logits.shape))}] with M >= 1"
+            f"t_logits must have shape [M, {', '.join(map(str, s_logits.shape))}] with M "
+            ">= 1"
             f" teachers (s_logits is {tuple(s_logits.shape)}), got {tuple(t_logits.shape)}"
         )
     # the student's [B, K] broadcasts
@@ -331,9 +359,10 @@ def aekd_weights(
     return a.T if gram == "sample" else a
 
 # %% ../nbs/10_aekd.ipynb #959304e0
-def feature_grads(hint_losses: Tensor, # per-teacher hint losses `[M]`, functions of `feature`
-                  feature: Tensor, # the shared student feature map `[B, ...]`
-                 ) -> Tensor: # gradients `[M, B, ...]`
+def feature_grads(
+    hint_losses: Tensor, # per-teacher hint losses `[M]`, functions of `feature`
+    feature: Tensor, # the shared student feature map `[B, ...]`
+) -> Tensor: # gradients `[M, B, ...]`
     """All $M$ gradients $\\partial H_m/\\partial F_s$ in one batched backward pass (the graph is
     kept for the loss)."""
     eye = torch.eye(len(hint_losses), dtype=hint_losses.dtype, device=hint_losses.device)
@@ -348,12 +377,14 @@ def normalized_weights(
     grads: Tensor, # per-teacher gradients `[M, B, ...]`
     C: float, # the cap, in [1/M, 1]
     check: bool = True, # validate the Gram (host sync)
-    sync: bool = False, # under DDP: the global batch's mean gradients (the ranks' means, averaged)
+    # under DDP: the global batch's mean gradients (the ranks' means, averaged)
+    sync: bool = False,
 ) -> Tensor: # weights `[M]`, summing to 1 (each may exceed C), at least float32
     """The public code's hint weights (`is_norm=True`): the QP on L2-normalised batch-mean
     gradients, then α_m/‖ḡ_m‖ renormalised."""
     v = grads.reshape(grads.shape[0], grads.shape[1], -1).mean(1).double()
-    # a common factor on every ḡ_m (the per-rank means of 1/B-scaled gradients) cancels below
+    # a common factor on every ḡ_m (the per-rank means of 1/B-scaled gradients) cancels
+    # below
     if sync: v = all_reduce(v, "mean")
     norm = v.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     u = v / norm[:, None]
@@ -362,12 +393,16 @@ def normalized_weights(
     return (a / a.sum()).to(torch.promote_types(grads.dtype, torch.float32))
 
 def hint_weights(
-    grads: Tensor, # per-teacher gradients `[M, B, ...]` with respect to the shared student map
+    # per-teacher gradients `[M, B, ...]` with respect to the shared student map
+    grads: Tensor,
     C: float, # the cap, in [1/M, 1]
-    form: str = "paper", # "paper": Eq. 13/16 on the whole gradients; "code": `normalized_weights`
+    # "paper": Eq. 13/16 on the whole gradients; "code": `normalized_weights`
+    form: str = "paper",
     check: bool = True, # validate the Gram (host sync)
-    sync: bool = False, # under DDP: the global batch's Gram (a sum over samples: all-reduced)
-) -> Tensor: # weights `[M]`: on the capped simplex ("paper") or summing to 1 ("code"); ≥ float32
+    # under DDP: the global batch's Gram (a sum over samples: all-reduced)
+    sync: bool = False,
+    # weights `[M]`: on the capped simplex ("paper") or summing to 1 ("code"); ≥ float32
+) -> Tensor:
     "AE-KD*'s hint weights α', in the paper's form (Eq. 16) or the public code's."
     check_choice("form", form, HINT_FORMS)
     if form == "code": return normalized_weights(grads, C, check, sync)
@@ -387,23 +422,26 @@ class AEKD(MultiTeacherKD):
     paper = "Du et al., NeurIPS 2020: agree to disagree (AE-KD)"
     chapter = "aekd"
 
-    def __init__(self, T: float = 4.0,          # temperature T of the KD terms (the paper's 4)
-                 gamma: float = 1.0,            # γ, weight of the cross-entropy with the labels
-                 alpha: float = 0.9,            # λ of Eq. 7, the KD term's weight (no teacher's)
-                 beta: float = 0.0,             # β, weight of the hint term (AE-KD* only)
-                 C: float = 0.6,                # C, cap on each teacher weight, in [1/M, 1]
-                 gram: str = "sum"):            # "sum" (Eq. 13), "mean" (the code), "sample"
+    def __init__(
+        self, T: float = 4.0,          # temperature T of the KD terms (the paper's 4)
+        gamma: float = 1.0,            # γ, weight of the cross-entropy with the labels
+        alpha: float = 0.9,            # λ of Eq. 7, the KD term's weight (no teacher's)
+        beta: float = 0.0,             # β, weight of the hint term (AE-KD* only)
+        C: float = 0.6,                # C, cap on each teacher weight, in [1/M, 1]
+        gram: str = "sum"):            # "sum" (Eq. 13), "mean" (the code), "sample"
         super().__init__(T, gamma, alpha, beta)
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not math.isfinite(C) \
                 or not 0 < C <= 1:
-            raise ValueError(f"C must be a number in (0, 1] (and at least 1/M for M teachers), "
-                             f"got {C!r}")
+            raise ValueError(
+                f"C must be a number in (0, 1] (and at least 1/M for M teachers), got {C!r}"
+            )
         check_choice("gram", gram, GRAMS)
         self.C, self.gram = float(C), gram
         self._checked_M, self._buf, self._n = None, None, 0
 
     def _check_M(self, M: int):
-        "Check C against the number of teachers `M`, once per M; a new M starts a new history."
+        ("Check C against the number of teachers `M`, once per M; a new M starts a new "
+         "history.")
         if M != self._checked_M:
             self.C = _check_cap(self.C, M)
             self._checked_M, self._buf, self._n = M, None, 0
@@ -446,7 +484,14 @@ def teacher_weights(self: AEKD, s_logits: Tensor, t_logits: Tensor, y: Tensor) -
     self._check_M(M)
     last = self._buf[self._n - 1] if self._n and self.gram != "sample" else None
     w = aekd_weights(
-        s_logits, t_logits, self.T, self.C, self.gram, check=False, sync=current().active, a0=last
+        s_logits,
+        t_logits,
+        self.T,
+        self.C,
+        self.gram,
+        check=False,
+        sync=current().active,
+        a0=last,
     )
     self._log(w if w.dim() == 1 else w.mean(1))
     return w[:, None].expand(M, B) if w.dim() == 1 else w
@@ -469,13 +514,15 @@ class AEKDFeat(AEKD):
     paper = "Du et al., NeurIPS 2020: AE-KD with feature hints (AE-KD*)"
     chapter = "aekd"
     teacher_feats = True
-    sync_bn_ok = False   # hint gradients are batched (is_grads_batched) through the regressors
+    # hint gradients are batched (is_grads_batched) through the regressors
+    sync_bn_ok = False
 
-    def __init__(self, T: float = 4.0, gamma: float = 1.0, alpha: float = 0.9,
-                 beta: float = 100.0,           # β, the hint term's weight (README: 100; code: 0)
-                 C: float = 0.6, gram: str = "sum",
-                 hint_form: str = "paper",      # "paper" (Eq. 16) or "code" (normalise, rescale)
-                 layer: int = -1):              # the feature map that carries the hints
+    def __init__(
+        self, T: float = 4.0, gamma: float = 1.0, alpha: float = 0.9,
+        beta: float = 100.0,           # β, the hint term's weight (README: 100; code: 0)
+        C: float = 0.6, gram: str = "sum",
+        hint_form: str = "paper",      # "paper" (Eq. 16) or "code" (normalise, rescale)
+        layer: int = -1):              # the feature map that carries the hints
         super().__init__(T, gamma, alpha, beta, C, gram)
         check_choice("hint_form", hint_form, HINT_FORMS)
         self.hint_form, self.layer = hint_form, layer

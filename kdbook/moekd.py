@@ -32,26 +32,30 @@ __all__ = ['ABLATIONS', 'PROTOTYPES', 'TEACHER_GATES', 'PAPER_RESULTS', 'log_exp
 def log_expert_likelihood(expert_logits: Tensor, # each expert's logits `[B, K, C]`
                           y: Tensor,             # labels `[B]`
                          ) -> Tensor:
-    "log P(y_i | Y^T = k, x_i) for every expert k: `[B, K]` (dense: the experts' logits are given)."
+    ("log P(y_i | Y^T = k, x_i) for every expert k: `[B, K]` (dense: the experts' logits "
+     "are given).")
     B, K, _ = expert_logits.shape
     return F.log_softmax(upcast(expert_logits), -1).gather(-1,
         y.view(B, 1, 1).expand(B, K, 1)).squeeze(-1)
 
-def mixture_log_likelihood(gate_logits: Tensor,   # the gate's logits `[B, K]`: P(Y^T = k | x) ∝ exp
-                           expert_logits: Tensor, # each expert's logits `[B, K, C]`
-                           y: Tensor,             # labels `[B]`
-                          ) -> Tensor:
+def mixture_log_likelihood(
+    gate_logits: Tensor,   # the gate's logits `[B, K]`: P(Y^T = k | x) ∝ exp
+    expert_logits: Tensor, # each expert's logits `[B, K, C]`
+    y: Tensor,             # labels `[B]`
+) -> Tensor:
     "Eq. 4: log Σ_k P(y | k, x) P(k | x) per sample, `[B]`."
     return torch.logsumexp(F.log_softmax(upcast(gate_logits),
                                          -1) + log_expert_likelihood(expert_logits, y), -1)
 
 # %% ../nbs/11_moekd.ipynb #1e7f7cdb
 class Bottleneck(nn.Module):
-    ("𝒢 (Eq. 5): a student feature map to the teacher's feature space: 1×1, 3×3, 1×1 convolutions "
+    ("𝒢 (Eq. 5): a student feature map to the teacher's feature space: 1×1, 3×3, 1×1 "
+     "convolutions "
      "(BN, ReLU each), then global pooling.")
-    def __init__(self, c_in: int,      # channels of the student's last feature map
-                 c_out: int,           # the teacher's feature dimension d_T
-                 factor: int = 2):     # the middle width is c_out // factor (SimKD's choice)
+    def __init__(
+        self, c_in: int,      # channels of the student's last feature map
+        c_out: int,           # the teacher's feature dimension d_T
+        factor: int = 2):     # the middle width is c_out // factor (SimKD's choice)
         super().__init__()
         mid = max(1, c_out // factor)
         self.body = nn.Sequential(conv_bn_relu(c_in, mid, 1), conv_bn_relu(mid, mid, 3),
@@ -59,7 +63,8 @@ class Bottleneck(nn.Module):
     def forward(self, fmap: Tensor) -> Tensor: return global_pool(self.body(fmap))
 
 def prototype_mlp(d_teacher: int, d_student: int) -> nn.Sequential:
-    ("Ψ (Eq. 7): a two-layer MLP from the teacher's feature space to the student's (hidden width "
+    ("Ψ (Eq. 7): a two-layer MLP from the teacher's feature space to the student's (hidden "
+     "width "
      "d_T).")
     return nn.Sequential(nn.Linear(d_teacher, d_teacher), nn.ReLU(),
                          nn.Linear(d_teacher, d_student))
@@ -73,22 +78,26 @@ def teacher_probs(teacher_logits: Tensor, # the teacher's logits `[N, K]`
     if hard: return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     return F.softmax(logits / check_temperature(tau), -1)
 
-def class_prototypes(probs: Tensor,  # P^T(k | x_i), `[N, K]`
-                     feats: Tensor,  # the teacher's features z^T_i, `[N, d]`
-                     sync: bool = False, # under DDP: both sums over the global batch (all-reduced)
-                    ) -> Tensor:
-    ("Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is assigned "
+def class_prototypes(
+    probs: Tensor,  # P^T(k | x_i), `[N, K]`
+    feats: Tensor,  # the teacher's features z^T_i, `[N, d]`
+    sync: bool = False, # under DDP: both sums over the global batch (all-reduced)
+) -> Tensor:
+    ("Eq. 7: μ_k = Σ_i P^T(k|x_i) z^T_i / Σ_j P^T(k|x_j), `[K, d]` (a class no sample is "
+     "assigned "
      "to gets μ_k = 0).")
     num, den = probs.T @ feats, probs.sum(0)
     if sync: num, den = all_reduce(num, "sum"), all_reduce(den, "sum")
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1)
 
-def dataset_prototypes(teachers,          # frozen teachers returning `ModelOut`
-                       loader,  # batches `(x, y, idx)` of the whole training set, un-augmented
-                       tau: float,        # τ of Eq. 8
-                       hard: bool = False # hard aggregation (ablation iv)
-                      ) -> list:
-    ("Eq. 7 over a whole dataset for each teacher, in one streamed pass: Σ_i P^T(k|x_i) z^T_i and "
+def dataset_prototypes(
+    teachers,          # frozen teachers returning `ModelOut`
+    loader,  # batches `(x, y, idx)` of the whole training set, un-augmented
+    tau: float,        # τ of Eq. 8
+    hard: bool = False # hard aggregation (ablation iv)
+) -> list:
+    ("Eq. 7 over a whole dataset for each teacher, in one streamed pass: Σ_i P^T(k|x_i) "
+     "z^T_i and "
      "Σ_j P^T(k|x_j) summed batch by batch.")
     sums = [[0, 0] for _ in teachers]
     with torch.no_grad():
@@ -96,7 +105,9 @@ def dataset_prototypes(teachers,          # frozen teachers returning `ModelOut`
             for acc, tm in zip(sums, teachers):
                 t = tm(x); p = teacher_probs(t.logits, tau, hard=hard)
                 acc[0], acc[1] = acc[0] + p.T @ upcast(t.pooled), acc[1] + p.sum(0)
-    return [num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1) for num, den in sums]
+    return [
+        num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(1) for num, den in sums
+    ]
 
 # %% ../nbs/11_moekd.ipynb #4b0c2667
 def _log_gate(gate_logits: Tensor) -> Tensor: return F.log_softmax(upcast(gate_logits), -1)
@@ -105,7 +116,8 @@ def elbo_terms(log_gate: Tensor, # log P(k | x), `[B, K]`
                log_lik: Tensor,  # log P(y | k, x), `[B, K]`
                q: Tensor,        # P̂(k | x), `[B, K]`, rows on the simplex
               ) -> Tensor:
-    "Eq. 9 from log-probabilities: Σ_k q_k log P(y|k,x) − KL(q ‖ gate), `[B]` (0·log 0 = 0)."
+    ("Eq. 9 from log-probabilities: Σ_k q_k log P(y|k,x) − KL(q ‖ gate), `[B]` (0·log 0 = "
+     "0).")
     kl = torch.xlogy(q, q) - torch.where(q > 0, q * log_gate, torch.zeros_like(q))
     return (q * log_lik).sum(-1) - kl.sum(-1)
 
@@ -118,12 +130,16 @@ def elbo(gate_logits: Tensor,   # the gate's logits `[B, K]`
          y: Tensor,             # labels `[B]`
          q: Tensor,             # P̂(k | x_i), `[B, K]`
         ) -> Tensor:
-    "Eq. 9: the evidence lower bound of log P(y | x) for the variational distribution `q`, `[B]`."
-    return elbo_terms(_log_gate(gate_logits), log_expert_likelihood(expert_logits, y), upcast(q))
+    ("Eq. 9: the evidence lower bound of log P(y | x) for the variational distribution "
+     "`q`, `[B]`.")
+    return elbo_terms(
+        _log_gate(gate_logits), log_expert_likelihood(expert_logits, y), upcast(q)
+    )
 
 # %% ../nbs/11_moekd.ipynb #4362cd08
 def mixture_scores(gate_logits: Tensor, expert_logits: Tensor) -> Tensor:
-    ("log P(y | x) = log Σ_j P(j | x) P(y | j, x) for every class y, `[B, C]` (dense); its argmax "
+    ("log P(y | x) = log Σ_j P(j | x) P(y | j, x) for every class y, `[B, C]` (dense); its "
+     "argmax "
      "is the prediction.")
     log_gate = _log_gate(gate_logits).unsqueeze(-1)
     return torch.logsumexp(log_gate + F.log_softmax(upcast(expert_logits), -1), 1)
@@ -132,7 +148,8 @@ def mixture_scores(gate_logits: Tensor, expert_logits: Tensor) -> Tensor:
 def log_matmul_exp(a: Tensor, # `[B, K]`
                    b: Tensor, # `[K, C]`
                   ) -> Tensor:
-    ("log Σ_k exp(a_ik + b_kc), `[B, C]`, as one stabilised matrix product; entries that underflow "
+    ("log Σ_k exp(a_ik + b_kc), `[B, C]`, as one stabilised matrix product; entries that "
+     "underflow "
      "are recomputed exactly.")
     a, b = upcast(a), upcast(b)
     with torch.autocast(a.device.type, enabled=False):
@@ -146,11 +163,13 @@ def log_matmul_exp(a: Tensor, # `[B, K]`
             out = out.index_put((i, c), torch.logsumexp(a[i] + b[:, c].T, -1))
     return out
 
-def shared_expert_log_likelihood(s: Tensor, # the student's logits W^T z `[B, C]` (all experts')
-                                 b: Tensor, # the experts' biases b_k = W^T e_k, `[K, C]`
-                                 y: Tensor, # labels `[B]`
-                                ) -> Tensor:
-    ("log P(y_i | k, x_i) for experts with logits s + b_k (Eq. 6), `[B, K]`, without the `[B, K, "
+def shared_expert_log_likelihood(
+    s: Tensor, # the student's logits W^T z `[B, C]` (all experts')
+    b: Tensor, # the experts' biases b_k = W^T e_k, `[K, C]`
+    y: Tensor, # labels `[B]`
+) -> Tensor:
+    ("log P(y_i | k, x_i) for experts with logits s + b_k (Eq. 6), `[B, K]`, without the "
+     "`[B, K, "
      "C]` tensor.")
     s, b = upcast(s), upcast(b)
     return s.gather(1, y[:, None]) + b[:, y].T - log_matmul_exp(s, b.T)
@@ -164,8 +183,11 @@ def shared_mixture_scores(gate_logits: Tensor, s: Tensor, b: Tensor) -> Tensor:
 # %% ../nbs/11_moekd.ipynb #cb4645ac
 _SR_FORMS = ("mse", "kl")
 
-def teacher_gate_kl(teacher_logits: Tensor, gate_logits: Tensor, tau: float = 1.0) -> Tensor:
-    "KL(P^T_τ ‖ softmax(gate)) per sample, `[B]`: the teacher softened by τ (Eq. 8), the gate not."
+def teacher_gate_kl(
+    teacher_logits: Tensor, gate_logits: Tensor, tau: float = 1.0
+) -> Tensor:
+    ("KL(P^T_τ ‖ softmax(gate)) per sample, `[B]`: the teacher softened by τ (Eq. 8), the "
+     "gate not.")
     pt = teacher_probs(teacher_logits, tau)
     return (torch.xlogy(pt, pt) - pt * F.log_softmax(upcast(gate_logits), -1)).sum(-1)
 
@@ -173,25 +195,33 @@ def srrl_objective(student_logits: Tensor, # the student's own logits W^T z + c,
                    gate_logits: Tensor,    # g^T on the projected student feature, `[B, C]`
                    teacher_logits: Tensor, # the teacher's logits, `[B, C]`
                    y: Tensor, tau: float = 1.0) -> Tensor:
-    ("Lemma 1's objective, to be maximised: log softmax_y(student) − KL(P^T_τ ‖ softmax(gate)), "
+    ("Lemma 1's objective, to be maximised: log softmax_y(student) − KL(P^T_τ ‖ "
+     "softmax(gate)), "
      "`[B]`.")
-    return -F.cross_entropy(upcast(student_logits), y,
-                            reduction="none") - teacher_gate_kl(teacher_logits, gate_logits, tau)
+    return -F.cross_entropy(upcast(student_logits), y, reduction="none") - teacher_gate_kl(
+        teacher_logits, gate_logits, tau
+    )
 
 @register_method
 class SRRL(Method):
-    ("SRRL (Yang et al., ICLR 2021): CE + α·feature matching + β·softmax regression through the "
+    ("SRRL (Yang et al., ICLR 2021): CE + α·feature matching + β·softmax regression "
+     "through the "
      "frozen teacher classifier.")
     name = "srrl"
-    paper = ("Yang et al., ICLR 2021: knowledge distillation via softmax regression representation "
-             "learning")
+    paper = (
+        "Yang et al., ICLR 2021: knowledge distillation via softmax regression "
+        "representation "
+        "learning"
+    )
     chapter = "moekd"
     needs_teachers = True
     teacher_feats = True
     def __init__(self,
-        alpha: float = 1.0,   # α, weight of the feature-matching term (the code's channel-mean gap)
+        # α, weight of the feature-matching term (the code's channel-mean gap)
+        alpha: float = 1.0,
                  beta: float = 1.0,          # β, weight of the softmax-regression term
-                 sr: str = "mse",  # "mse": MSE between logits (the public code); "kl": Lemma 1's KL
+                 # "mse": MSE between logits (the public code); "kl": Lemma 1's KL
+                 sr: str = "mse",
                  tau: float = 1.0,           # τ softening the teacher in the "kl" form
                  teacher: int = 0):          # index of the teacher in the bank
         super().__init__()
@@ -211,13 +241,17 @@ class SRRL(Method):
         h = upcast(global_pool(self.connector(s.feats[-1])))
         gate, t_logits, z_t = upcast(self.head(h)), upcast(t.logits[m]), upcast(t.pooled[m])
         ce, fm = F.cross_entropy(upcast(s.logits), y), F.mse_loss(h, z_t)
-        sr = teacher_gate_kl(t_logits, gate,
-                             self.tau).mean() if self.sr == "kl" else F.mse_loss(gate, t_logits)
+        sr = (
+            teacher_gate_kl(t_logits, gate, self.tau).mean()
+            if self.sr == "kl"
+            else F.mse_loss(gate, t_logits)
+        )
         return {"loss": ce + self.alpha * fm + self.beta * sr, "ce": ce, "fm": fm, "sr": sr}
 
 # %% ../nbs/11_moekd.ipynb #6f5e98f1
 class MixtureKD(Method):
-    ("The ELBO training and the mixture's prediction shared by MoE-KD and its several-teacher form "
+    ("The ELBO training and the mixture's prediction shared by MoE-KD and its "
+     "several-teacher form "
      "(not registered).")
     name = "mixture_kd"
     chapter = "moekd"
@@ -233,7 +267,8 @@ class MixtureKD(Method):
         raise NotImplementedError(f"{type(self).__name__} must define gate_logits")
 
     def expert_biases(self, t=None) -> Tensor:
-        ("The experts' biases b_k = W^T e_k, `[K, C]` (`t`: this batch's teacher outputs, when "
+        ("The experts' biases b_k = W^T e_k, `[K, C]` (`t`: this batch's teacher outputs, "
+         "when "
          "they are used).")
         raise NotImplementedError(f"{type(self).__name__} must define expert_biases")
 
@@ -245,7 +280,8 @@ class MixtureKD(Method):
         "Called with each step's P̂ (to keep statistics for `record`)."
 
     def loss(self, batch, s, t):
-        ("E-step (Eq. 12, detached) and the negative batch ELBO (Eq. 14); logs the ELBO and the "
+        ("E-step (Eq. 12, detached) and the negative batch ELBO (Eq. 14); logs the ELBO "
+         "and the "
          "mixture log-likelihood.")
         y = batch[1]
         log_gate = _log_gate(self.gate_logits(s))
@@ -262,8 +298,14 @@ class MixtureKD(Method):
         return shared_mixture_scores(self.gate_logits(s), s.logits, self.expert_biases())
 
 # %% ../nbs/11_moekd.ipynb #914a92f0
-ABLATIONS = ("none", "uniform_gate", "scratch_gate", "scratch_prototypes", "hard_aggregation",
-             "teacher_posterior")
+ABLATIONS = (
+    "none",
+    "uniform_gate",
+    "scratch_gate",
+    "scratch_prototypes",
+    "hard_aggregation",
+    "teacher_posterior",
+)
 PROTOTYPES = ("dataset", "batch")
 
 @register_method
@@ -275,11 +317,13 @@ class MoEKD(MixtureKD):
     chapter = "moekd"
     needs_teachers = True
     def __init__(self,
-        tau: float = 4.0,  # τ of Eq. 8, the only hyper-parameter (4 on CIFAR-100, 1 on ImageNet)
+        # τ of Eq. 8, the only hyper-parameter (4 on CIFAR-100, 1 on ImageNet)
+        tau: float = 4.0,
                  teacher: int = 0,                # index of the teacher in the bank
-                 ablation: str = "none",          # one of `ABLATIONS`: Table 4's baselines (i)-(v)
-                 prototypes: str = "dataset",     # μ over the dataset (Eq. 7) or per batch (ours)
-                 factor: int = 2):                # 𝒢's bottleneck: middle width d_T // factor
+                 ablation: str = "none",  # one of `ABLATIONS`: Table 4's baselines (i)-(v)
+                 # μ over the dataset (Eq. 7) or per batch (ours)
+                 prototypes: str = "dataset",
+                 factor: int = 2):  # 𝒢's bottleneck: middle width d_T // factor
         super().__init__()
         self.tau, self.teacher = check_temperature(tau), check_teacher_index(teacher)
         self.ablation = check_choice("ablation", ablation, ABLATIONS)
@@ -288,7 +332,8 @@ class MoEKD(MixtureKD):
 
     @property
     def teacher_outputs(self) -> bool:
-        "The teacher runs on each batch only for P̂ = P^T (ablation v) or per-batch prototypes."
+        ("The teacher runs on each batch only for P̂ = P^T (ablation v) or per-batch "
+         "prototypes.")
         return self.ablation == "teacher_posterior" or self._batch_mu
 
     @property
@@ -304,21 +349,31 @@ def setup(self: MoEKD, student, bank, batch):
     tm = bank.teachers[check_teacher_index(self.teacher, len(bank.teachers))]
     x = batch[0]
     s, t = student(x), tm(x)
-    d_s, d_t, K, C = s.pooled.shape[1], t.pooled.shape[1], t.logits.shape[1], s.logits.shape[1]
-    if K != C: raise ValueError(f"MoE-KD needs a teacher over the student's classes: teacher "
-                                f"{self.teacher} has {K}, the student {C}")
+    d_s, d_t, K, C = (
+        s.pooled.shape[1],
+        t.pooled.shape[1],
+        t.logits.shape[1],
+        s.logits.shape[1],
+    )
+    if K != C:
+        raise ValueError(
+            f"MoE-KD needs a teacher over the student's classes: teacher "
+            f"{self.teacher} has {K}, the student {C}"
+        )
     self.projector = Bottleneck(s.feats[-1].shape[1], d_t, self.factor)
     # g^T reused, frozen (Eq. 5)
     self.gate_head = (nn.Linear(d_t, K) if self.ablation == "scratch_gate"
                       else copy.deepcopy(tm.classifier).requires_grad_(False))
-    if self.ablation == "scratch_prototypes": self.embeddings = nn.Parameter(torch.zeros(K, d_s))
+    if self.ablation == "scratch_prototypes":
+        self.embeddings = nn.Parameter(torch.zeros(K, d_s))
     else: self.psi = prototype_mlp(d_t, d_s)
     self.register_buffer("mu", torch.zeros(K, d_t))
     self._student, self._teacher = [student], [tm]
 
 @patch
 def prepare(self: MoEKD, learner):
-    ("μ (Eq. 7) in one pass over the un-augmented training set; nothing to do for learned or "
+    ("μ (Eq. 7) in one pass over the un-augmented training set; nothing to do for learned "
+     "or "
      "per-batch prototypes.")
     if self.ablation == "scratch_prototypes" or self.prototypes == "batch": return
     loader = learner.data.loader("train", device=learner.device)
@@ -328,19 +383,22 @@ def prepare(self: MoEKD, learner):
 # %% ../nbs/11_moekd.ipynb #e1ac819a
 @patch
 def gate_logits(self: MoEKD, s: ModelOut) -> Tensor:
-    "Eq. 5: g^T(𝒢(student's last feature map)), `[B, K]` (zeros for the uniform gate, ablation i)."
+    ("Eq. 5: g^T(𝒢(student's last feature map)), `[B, K]` (zeros for the uniform gate, "
+     "ablation i).")
     if self.ablation == "uniform_gate": return s.logits.new_zeros(s.logits.shape[0],
                                                                   self.mu.shape[0]).float()
     return upcast(self.gate_head(self.projector(s.feats[-1])))
 
 @patch
 def expert_biases(self: MoEKD, t=None) -> Tensor:
-    ("Eq. 6–7: b_k = W^T Ψ(μ_k), `[K, C]`, W the student's classifier (free e_k for ablation iii; "
+    ("Eq. 6–7: b_k = W^T Ψ(μ_k), `[K, C]`, W the student's classifier (free e_k for "
+     "ablation iii; "
      "per-batch μ from `t`).")
     if self.ablation == "scratch_prototypes": e = self.embeddings
     elif self._batch_mu and t is not None:
         mu = self._batch_prototypes(t)
-        # a running mean of the batch estimates stands in for μ at test time, as BN's statistics do
+        # a running mean of the batch estimates stands in for μ at test time, as BN's
+        # statistics do
         if self.training:
             with torch.no_grad(): self.mu.lerp_(mu.to(self.mu.dtype), 0.1)
         e = self.psi(mu)
@@ -356,15 +414,18 @@ def _batch_prototypes(self: MoEKD, t) -> Tensor:
 
 @patch
 def variational(self: MoEKD, log_gate, log_lik, t):
-    "P̂: the E-step's posterior (Eq. 12), or the teacher's own prediction P^T for ablation (v)."
-    if self.ablation == "teacher_posterior": return teacher_probs(t.logits[self.teacher], self.tau)
+    ("P̂: the E-step's posterior (Eq. 12), or the teacher's own prediction P^T for "
+     "ablation (v).")
+    if self.ablation == "teacher_posterior":
+        return teacher_probs(t.logits[self.teacher], self.tau)
     return (log_gate + log_lik).softmax(-1)
 
 # %% ../nbs/11_moekd.ipynb #fd8c9bd6
 TEACHER_GATES = ("uniform", "learned")
 
 class _TeacherExperts(nn.Module):
-    ("One teacher's share of the mixture: 𝒢_m, its frozen classifier g_m, Ψ_m and its prototypes "
+    ("One teacher's share of the mixture: 𝒢_m, its frozen classifier g_m, Ψ_m and its "
+     "prototypes "
      "μ_m.")
     def __init__(self, c_in: int, d_s: int, d_t: int, classifier: nn.Linear, factor: int):
         super().__init__()
@@ -374,14 +435,16 @@ class _TeacherExperts(nn.Module):
 
 @register_method
 class MoEKDEnsemble(MixtureKD):
-    ("kdbook's MoE-KD over M teachers: the latent is the pair (teacher, class); Bayes' rule gives "
+    ("kdbook's MoE-KD over M teachers: the latent is the pair (teacher, class); Bayes' "
+     "rule gives "
      "per-sample teacher responsibilities.")
     name = "moekd_multi"
     paper = "kdbook's extension of MoE-KD to several teachers (latent teacher × class)"
     chapter = "moekd"
-    def __init__(self, tau: float = 4.0,            # τ of Eq. 8, for every teacher's prototypes
-                 teacher_gate: str = "uniform",     # π_m(x): "uniform" (1/M) or "learned" (linear)
-                 factor: int = 2):                  # each 𝒢_m's bottleneck
+    def __init__(
+        self, tau: float = 4.0,            # τ of Eq. 8, for every teacher's prototypes
+        teacher_gate: str = "uniform",     # π_m(x): "uniform" (1/M) or "learned" (linear)
+        factor: int = 2):                  # each 𝒢_m's bottleneck
         super().__init__()
         self.tau, self.teacher_gate = check_temperature(tau), check_choice("teacher_gate",
             teacher_gate, TEACHER_GATES)
@@ -394,10 +457,19 @@ class MoEKDEnsemble(MixtureKD):
         for i, tm in enumerate(bank.teachers):
             t = tm(x)
             if t.logits.shape[1] != s.logits.shape[1]:
-                raise ValueError(f"MoE-KD needs teachers over the student's classes: teacher {i} "
-                                 f"has {t.logits.shape[1]}, the student {s.logits.shape[1]}")
-            parts.append(_TeacherExperts(s.feats[-1].shape[1], s.pooled.shape[1], t.pooled.shape[1],
-                                         tm.classifier, self.factor))
+                raise ValueError(
+                    f"MoE-KD needs teachers over the student's classes: teacher {i} "
+                    f"has {t.logits.shape[1]}, the student {s.logits.shape[1]}"
+                )
+            parts.append(
+                _TeacherExperts(
+                    s.feats[-1].shape[1],
+                    s.pooled.shape[1],
+                    t.pooled.shape[1],
+                    tm.classifier,
+                    self.factor,
+                )
+            )
         self.parts = nn.ModuleList(parts)
         if self.teacher_gate == "learned":
             self.pi = nn.Linear(s.pooled.shape[1], len(parts))
@@ -408,14 +480,16 @@ class MoEKDEnsemble(MixtureKD):
 
     def prepare(self, learner):
         "Each teacher's μ_m (Eq. 7) in one pass over the un-augmented training set."
-        mus = dataset_prototypes(self._teachers,
-                                 learner.data.loader("train", device=learner.device), self.tau)
+        mus = dataset_prototypes(
+            self._teachers, learner.data.loader("train", device=learner.device), self.tau
+        )
         for part, mu in zip(self.parts, mus): part.mu.copy_(mu)
 
     def teacher_log_gate(self, s: ModelOut) -> Tensor:
         "log π_m(x), `[B, M]`."
         B, M = s.logits.shape[0], len(self.parts)
-        if self.teacher_gate == "uniform": return s.logits.new_full((B, M), -math.log(M)).float()
+        if self.teacher_gate == "uniform":
+            return s.logits.new_full((B, M), -math.log(M)).float()
         return F.log_softmax(upcast(self.pi(s.pooled)), -1)
 
     def gate_logits(self, s: ModelOut) -> Tensor:
@@ -472,43 +546,60 @@ def moekd_memory(B: int = 256,  # batch size
                  K: int = 1000, # latent classes (experts)
                  C: int = 1000, # classes
                 ) -> dict:
-    ("Peak resident memory (MiB, each in a fresh Linux process, the peak reset after the inputs "
-     "are made) and autograd's saved bytes of the ELBO's forward + backward, dense vs shared W.")
+    "Peak resident memory (MiB, each in a fresh Linux process, the peak reset after the inputs are made) and autograd's saved bytes of the ELBO's forward + backward, dense vs shared W."
     out = {"B": B, "K": K, "C": C}
     for form in ("dense", "shared"):
-        run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, form, str(B), str(K), str(C)],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, form, str(B), str(K), str(C)],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode != 0: raise RuntimeError(f"the {form} memory probe "
                                                    f"failed:\n{run.stderr[-2000:]}")
-        out[f"{form}_peak_mib"] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mib"]
+        out[f"{form}_peak_mib"] = json.loads(run.stdout.strip().splitlines()[-1])[
+            "peak_mib"
+        ]
     g = torch.Generator().manual_seed(0)
-    s, b, a = (torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K)))
+    s, b, a = (
+        torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K))
+    )
     y = torch.randint(0, C, (B,), generator=g)
     out["dense_saved_mib"] = _saved_bytes(lambda: mixture_log_likelihood(a,
         s.unsqueeze(1) + b.unsqueeze(0), y)) / 2**20
-    shared = lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y), -1)
+    shared = lambda: torch.logsumexp(
+        _log_gate(a) + shared_expert_log_likelihood(s, b, y), -1
+    )
     out["shared_saved_mib"] = _saved_bytes(shared) / 2**20
-    out["bkc_mib"], out["bk_kc_bc_mib"] = 4 * B * K * C / 2**20, 4 * (B * K + K * C + B * C) / 2**20
+    out["bkc_mib"], out["bk_kc_bc_mib"] = (
+        4 * B * K * C / 2**20,
+        4 * (B * K + K * C + B * C) / 2**20,
+    )
     out["peak_ratio"] = out["dense_peak_mib"] / max(out["shared_peak_mib"], 1e-9)
     return out
 
 # %% ../nbs/11_moekd.ipynb #379d9dc3
 def _time_elbo(B: int, K: int, C: int, reps: int) -> tuple:
     g = torch.Generator().manual_seed(0)
-    s, b, a = (torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K)))
+    s, b, a = (
+        torch.randn(*sh, generator=g).requires_grad_() for sh in ((B, C), (K, C), (B, K))
+    )
     y = torch.randint(0, C, (B,), generator=g)
-    dense = lambda: mixture_log_likelihood(a, s.unsqueeze(1) + b.unsqueeze(0), y).mean().backward()
+    dense = lambda: (
+        mixture_log_likelihood(a, s.unsqueeze(1) + b.unsqueeze(0), y).mean().backward()
+    )
     shared = lambda: torch.logsumexp(_log_gate(a) + shared_expert_log_likelihood(s, b, y),
                                      -1).mean().backward()
     return tuple(median_times([dense, shared], reps, warmup=1))
 
-def moekd_speed(data,  # an `ImageDataset` (the chapter's Fashion-MNIST subset, or `kdbook bench`'s)
-                teacher: str = "cnn_small",    # the teacher's architecture (untrained)
-                student: str = "cnn_tiny",     # the student's architecture
-                batch: int = 64,               # batch size
-                reps: int = 20,                # timed rounds (medians)
-                device: str = "cpu") -> dict:
-    ("Seconds per training step of KD, SRRL, MoE-KD (μ precomputed) and MoE-KD with per-batch μ, "
+def moekd_speed(
+    data,  # an `ImageDataset` (the chapter's Fashion-MNIST subset, or `kdbook bench`'s)
+    teacher: str = "cnn_small",    # the teacher's architecture (untrained)
+    student: str = "cnn_tiny",     # the student's architecture
+    batch: int = 64,               # batch size
+    reps: int = 20,                # timed rounds (medians)
+    device: str = "cpu") -> dict:
+    ("Seconds per training step of KD, SRRL, MoE-KD (μ precomputed) and MoE-KD with "
+     "per-batch μ, "
      "their ratios to KD, and the ELBO's dense vs shared-W cost.")
     torch.manual_seed(0)
     t_net = create_model(teacher, data.n_classes, data.in_channels)
@@ -522,10 +613,17 @@ def moekd_speed(data,  # an `ImageDataset` (the chapter's Fashion-MNIST subset, 
         d.setup()
         b = next(iter(d.train_dl))
         steps[name] = (lambda d=d, b=b: d.train_step(b))
-    times = dict(zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device)))
-    out = {"batch": batch, "teacher": teacher, "student": student, "classes": data.n_classes,
-           **{f"t_{k}": v for k, v in times.items()},
-           **{f"{k}_vs_kd": v / times["kd"] for k, v in times.items() if k != "kd"}}
+    times = dict(
+        zip(steps, median_times(list(steps.values()), reps, warmup=3, device=device))
+    )
+    out = {
+        "batch": batch,
+        "teacher": teacher,
+        "student": student,
+        "classes": data.n_classes,
+        **{f"t_{k}": v for k, v in times.items()},
+        **{f"{k}_vs_kd": v / times["kd"] for k, v in times.items() if k != "kd"},
+    }
     for C in (100, 1000):
         t_dense, t_shared = _time_elbo(batch, C, C, max(3, reps // 4))
         out[f"elbo_dense_vs_shared_C{C}"] = t_dense / t_shared
@@ -559,7 +657,8 @@ PAPER_RESULTS = {   # MoE-KD paper, CIFAR-100 top-1 (%) means over 5 runs; Image
 
 # %% ../nbs/11_moekd.ipynb #a27d0e14
 class ProjectedStudent(ZooModel):
-    ("A plain student of MoE-KD's deployed size: the student's stages, 𝒢's three convolutions, a "
+    ("A plain student of MoE-KD's deployed size: the student's stages, 𝒢's three "
+     "convolutions, a "
      "linear head.")
     def __init__(self, arch: str,         # the student's zoo architecture
                  num_classes: int,        # C
@@ -568,25 +667,31 @@ class ProjectedStudent(ZooModel):
                  factor: int = 2):        # 𝒢's bottleneck, as `MoEKD(factor=...)`
         super().__init__()
         base = create_model(arch, num_classes, in_channels)
-        g_body = Bottleneck(base.classifier.in_features, check_int("d_teacher", d_teacher, 1),
-                            check_int("factor", factor, 1)).body
+        g_body = Bottleneck(
+            base.classifier.in_features,
+            check_int("d_teacher", d_teacher, 1),
+            check_int("factor", factor, 1),
+        ).body
         self.stages = nn.ModuleList([*base.stages, g_body])
         self.classifier = nn.Linear(d_teacher, num_classes)
 
-def deployed_cost(predict,             # the deployed predictor: images -> class scores
-                  modules,             # the modules it holds (each parameter counted once)
-                  x: Tensor,           # one input image, `[1, ...]`
-                  constants: int = 0,  # numbers stored besides parameters (MoE-KD's K·C biases)
-                 ) -> dict:
+def deployed_cost(
+    predict,             # the deployed predictor: images -> class scores
+    modules,             # the modules it holds (each parameter counted once)
+    x: Tensor,           # one input image, `[1, ...]`
+    constants: int = 0,  # numbers stored besides parameters (MoE-KD's K·C biases)
+) -> dict:
     ("Parameters (and stored constants) and multiply-adds per image of a deployed model "
      "(FlopCounterMode / 2).")
-    if x.shape[0] != 1: raise ValueError(f"x must hold one image, got a batch of {x.shape[0]}")
+    if x.shape[0] != 1:
+        raise ValueError(f"x must hold one image, got a batch of {x.shape[0]}")
     sizes = {id(p): p.numel() for m in modules for p in m.parameters()}
     with torch.no_grad(), FlopCounterMode(display=False) as count: predict(x)
     return {"params": sum(sizes.values()) + constants, "macs": count.get_total_flops() // 2}
 
 def moekd_deployed(method: MoEKD, student) -> tuple:
-    ("MoE-KD as deployed: (predict, modules, constants); student, 𝒢, g^T run per image, b = W^T "
+    ("MoE-KD as deployed: (predict, modules, constants); student, 𝒢, g^T run per image, b "
+     "= W^T "
      "Ψ(μ) stored.")
     with torch.no_grad(): b = method.expert_biases()
     def predict(x: Tensor) -> Tensor:
