@@ -354,17 +354,19 @@ class KeepStudents:
 
     def by_run(self, study) -> dict:
         ("'label/seed' -> the trained student of that run (run_study makes one net per "
-         "run, in the order of `study.runs`); reused runs are left out, their nets were "
-         "never trained.")
-        if len(self.nets) != len(study.runs):
+         "run of its own methods, in the order of `study.runs`); reused runs are left out, "
+         "their nets were never trained, and so are the other methods' runs that the study "
+         "keeps from its folder (`kept`).")
+        own = [(k, r) for k, r in study.runs.items() if not r.get("kept")]
+        if len(self.nets) != len(own):
             raise ValueError(
                 f"this KeepStudents made {len(self.nets)} students but the study has "
-                f"{len(study.runs)} runs: "
+                f"{len(own)} runs of its own: "
                 "use a new KeepStudents for each run_study"
             )
         return {
             k: net
-            for (k, r), net in zip(study.runs.items(), self.nets)
+            for (k, r), net in zip(own, self.nets)
             if r["status"] in ("ok", "diverged") and not r.get("reused")
         }
 

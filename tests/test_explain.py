@@ -174,9 +174,27 @@ def test_explain_maps_and_keep_students():
     maps = explain_maps(nets, x, digits.test.y, batch_size=16)
     assert maps["alone/0"].shape == (40, 8, 8)
     torch.testing.assert_close(maps["alone/1"], grad_cam(nets["alone/1"], x, digits.test.y))
-    with pytest.raises(ValueError, match="made 2 students but the study has 1 runs"):
+    with pytest.raises(ValueError, match="made 2 students but the study has 1 runs of its own"):
         keep.by_run(run_study(digits, None, lambda: create_model("cnn_small", 10, 1), {"alone": Method}, seeds=[0],
                               cfg=TrainConfig(epochs=1, batch_size=50), baseline=False))
+
+
+def test_keep_students_leaves_out_the_runs_a_folder_keeps(tmp_path):
+    "A study's folder keeps other methods' runs (`kept`) and reuses finished ones: neither has a net trained."
+    from kdbook.data import load_dataset
+    from kdbook.learner import Method, TrainConfig
+    from kdbook.study import run_study
+    digits = load_dataset("digits").subset(n_train=200, n_test=40)
+    cfg, make = TrainConfig(epochs=1, batch_size=50), lambda: create_model("cnn_small", 10, 1)
+    run_study(digits, None, make, {"other": Method}, seeds=[0], cfg=cfg, baseline=False, out=tmp_path)
+    keep = KeepStudents(make)
+    study = run_study(digits, None, keep, {"alone": Method}, seeds=[0, 1], cfg=cfg, baseline=False, out=tmp_path)
+    assert sorted(study.runs) == ["alone/0", "alone/1", "other/0"] and study.runs["other/0"]["kept"]
+    nets = keep.by_run(study)
+    assert sorted(nets) == ["alone/0", "alone/1"] and len(keep.nets) == 2
+    again = KeepStudents(make)
+    assert again.by_run(run_study(digits, None, again, {"alone": Method}, seeds=[0, 1], cfg=cfg, baseline=False,
+                                  out=tmp_path)) == {}   # both reused: nothing trained
 
 
 def test_figures():
