@@ -35,11 +35,13 @@ def gram(f: Tensor) -> Tensor:
 
 META_INPUTS = ("logits", "probs")
 
-def logit_meta_input(t_logits: Tensor, # teachers' logits `[M, B, C]`
-                     s_logits: Tensor, # the student's logits `[B, C]`, detached
-                     kind: str = "logits", # "logits" (the code) or "probs" (Eq. 1: softened)
-                     T: float = 4.0) -> Tensor: # the temperature of "probs"
-    "Eq. 1: the logit meta-net's input `[B, C·(M+1)]`, each teacher's vector then the student's."
+def logit_meta_input(
+    t_logits: Tensor, # teachers' logits `[M, B, C]`
+    s_logits: Tensor, # the student's logits `[B, C]`, detached
+    kind: str = "logits", # "logits" (the code) or "probs" (Eq. 1: softened)
+    T: float = 4.0) -> Tensor: # the temperature of "probs"
+    ("Eq. 1: the logit meta-net's input `[B, C·(M+1)]`, each teacher's vector then the "
+     "student's.")
     check_choice("kind", kind, META_INPUTS)
     vs = [*t_logits, s_logits]
     if kind == "probs": vs = [softmax_t(v, T) for v in vs]
@@ -51,42 +53,51 @@ def gram_meta_input(t_maps: list, # each teacher's feature map `[B, ...]`
     return torch.cat([gram(f) for f in (*t_maps, s_map)], 1)
 
 def row_meta_input(t_maps: list, s_map: Tensor) -> Tensor:
-    "Ours, `[B, M]` for any B: cosines between rows i of teacher m's and the student's unit-row G."
+    ("Ours, `[B, M]` for any B: cosines between rows i of teacher m's and the student's "
+     "unit-row G.")
     gs = F.normalize(gram(s_map), dim=1)
     return torch.stack([(F.normalize(gram(f), dim=1) * gs).sum(1) for f in t_maps], 1)
 
 # %% ../nbs/14_mmkd.ipynb #b1d57811
 class MetaWeightNet(nn.Module):
-    "Eq. 2 and 5: Linear(n, n/2) → ReLU → Linear(·, M) → softmax; `[B, n]` in, `[B, M]` out."
+    ("Eq. 2 and 5: Linear(n, n/2) → ReLU → Linear(·, M) → softmax; `[B, n]` in, `[B, M]` "
+     "out.")
     def __init__(self, n_in: int, # width of the input (the code's `n_feature`)
                  n_teachers: int, # M
                  what: str = "input"): # what the input is, for the error message
         super().__init__()
         self.n_in, self.what = n_in, what
-        hidden = max(n_in // 2, 16)          # the code's n/2; at least 16 for our M-wide row input
+        hidden = max(n_in // 2, 16)  # the code's n/2; at least 16 for our M-wide row input
         self.hidden, self.out = nn.Linear(n_in, hidden), nn.Linear(hidden, n_teachers)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.n_in:
-            raise ValueError(f"this meta-weight net takes {self.what} of width {self.n_in}, "
-                             f"got width {x.shape[-1]}")
+            raise ValueError(
+                f"this meta-weight net takes {self.what} of width {self.n_in}, "
+                f"got width {x.shape[-1]}"
+            )
         return F.softmax(self.out(F.relu(self.hidden(x))), -1)
 
 # %% ../nbs/14_mmkd.ipynb #bd307a3e
-def matching_terms(s_logits: Tensor, # the student's logits `[B, C]`
-                   regressed: list, # the student's map through each regressor, M × `[B, ...]`
-                   t_logits: Tensor, # teachers' logits `[M, B, C]`
-                   t_maps: list, # teachers' maps, M × `[B, ...]`
-                   T: float = 4.0) -> tuple: # temperature of the KD terms
-    "Per-sample, per-teacher terms `[B, M]` of Eq. 6 (T²·KL) and Eq. 7 (MSE of the regressed map)."
+def matching_terms(
+    s_logits: Tensor, # the student's logits `[B, C]`
+    regressed: list, # the student's map through each regressor, M × `[B, ...]`
+    t_logits: Tensor, # teachers' logits `[M, B, C]`
+    t_maps: list, # teachers' maps, M × `[B, ...]`
+    T: float = 4.0) -> tuple: # temperature of the KD terms
+    ("Per-sample, per-teacher terms `[B, M]` of Eq. 6 (T²·KL) and Eq. 7 (MSE of the "
+     "regressed map).")
     kl = kd_loss(s_logits.expand_as(t_logits), t_logits, T, "none").T
-    if not regressed: return kl, torch.zeros_like(kl)     # no feature term (β = 0)
-    mse = torch.stack([(r - f).pow(2).flatten(1).mean(1) for r, f in zip(regressed, t_maps)], 1)
+    if not regressed: return kl, torch.zeros_like(kl)  # no feature term (β = 0)
+    mse = torch.stack(
+        [(r - f).pow(2).flatten(1).mean(1) for r, f in zip(regressed, t_maps)], 1
+    )
     return kl, mse
 
 def weighted_matching(kl: Tensor, mse: Tensor, w_logit: Tensor, w_feat: Tensor,
                       alpha: float, beta: float) -> Tensor:
-    "α·mean_i Σ_m w_im KL_im + β·mean_i Σ_m w'_im MSE_im: Eq. 6 and Eq. 7 weighted and summed."
+    ("α·mean_i Σ_m w_im KL_im + β·mean_i Σ_m w'_im MSE_im: Eq. 6 and Eq. 7 weighted and "
+     "summed.")
     return alpha * (w_logit * kl).sum(1).mean() + beta * (w_feat * mse).sum(1).mean()
 
 # %% ../nbs/14_mmkd.ipynb #0716d970
@@ -95,7 +106,8 @@ def sgd_step(params: dict, # name -> tensor
              bufs: dict, # name -> momentum buffer (None: the first step, as torch's SGD)
              lr: float, momentum: float = 0.0, nesterov: bool = False,
              weight_decay: float = 0.0) -> tuple:
-    "`torch.optim.SGD`'s update (dampening 0) as a function: new parameters and momentum buffers."
+    ("`torch.optim.SGD`'s update (dampening 0) as a function: new parameters and momentum "
+     "buffers.")
     new_p, new_b = {}, {}
     for k, p in params.items():
         g = grads[k] + weight_decay * p if weight_decay else grads[k]
@@ -118,17 +130,19 @@ class StudentAndRegressors(nn.Module):
         return upcast(s.logits), [upcast(r(f)) for r in self.regressors], f
 
 # %% ../nbs/14_mmkd.ipynb #472b07b9
-STEP_LOSSES = ("match", "eq9", "ce")   # a look-ahead step on the matching terms, on Eq. 9, on CE
+# a look-ahead step on the matching terms, on Eq. 9, on CE
+STEP_LOSSES = ("match", "eq9", "ce")
 
 class LookAhead:
     "One meta step's problem: a batch, the teachers' outputs, the meta inputs, the student."
-    def __init__(self, model: StudentAndRegressors, x: Tensor, y: Tensor,
-                 t_logits: Tensor, t_maps: list,
-                 nets: dict, # "logit" / "feat" -> MetaWeightNet, or None for uniform weights
-                 inputs: dict, # "logit" / "feat" -> the meta input `[B, n]`, held fixed
-                 steps: tuple = ("match", "match", "ce"), # each step's loss, from `STEP_LOSSES`
-                 T: float = 4.0, alpha: float = 1.0, beta: float = 100.0,
-                 gamma: float = 1.0): # weight of the CE in an "eq9" step
+    def __init__(
+        self, model: StudentAndRegressors, x: Tensor, y: Tensor,
+        t_logits: Tensor, t_maps: list,
+        nets: dict, # "logit" / "feat" -> MetaWeightNet, or None for uniform weights
+        inputs: dict, # "logit" / "feat" -> the meta input `[B, n]`, held fixed
+        steps: tuple = ("match", "match", "ce"), # each step's loss, from `STEP_LOSSES`
+        T: float = 4.0, alpha: float = 1.0, beta: float = 100.0,
+        gamma: float = 1.0): # weight of the CE in an "eq9" step
         self.model, self.x, self.y, self.t_logits, self.t_maps = model, x, y, t_logits, t_maps
         for s in steps: check_choice("steps", s, STEP_LOSSES)
         self.nets, self.inputs, self.steps = nets, inputs, tuple(steps)
@@ -142,7 +156,8 @@ class LookAhead:
         return functional_call(self.model, {**theta, **self.no_stats}, (self.x,))
 
     def weights(self, phi: dict) -> tuple:
-        "Per-sample teacher weights `[B, M]` for the logits and the features, as functions of φ."
+        ("Per-sample teacher weights `[B, M]` for the logits and the features, as "
+         "functions of φ.")
         def one(key):
             net = self.nets.get(key)
             if net is None: return self.uniform
@@ -229,10 +244,11 @@ def _first_order(problem, phi, theta, bufs, opt):
 def replay_hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict, opt: dict,
                          nesterov_adjoint: bool = False, # True: Nesterov's adjoint (ours)
                         ) -> dict:
-    "The code's Reverse-HG (`MetaSGD.meta_backward`) restated: reverse Hessian-vector products."
+    ("The code's Reverse-HG (`MetaSGD.meta_backward`) restated: reverse Hessian-vector "
+     "products.")
     lr, mu, wd = opt["lr"], opt.get("momentum", 0.0), opt.get("weight_decay", 0.0)
     nest = nesterov_adjoint and opt.get("nesterov", False)
-    c = lr * (1 + mu) if nest else lr          # θ's step along the new gradient: η(1+μ) or η
+    c = lr * (1 + mu) if nest else lr  # θ's step along the new gradient: η(1+μ) or η
     c_v = lr * mu * mu if nest else lr * mu    # θ's step along the old momentum: ημ² or ημ
     states, a0 = _plain_lookahead(problem, phi, theta, bufs, opt)
     saved = [({k: v.clone() for k, v in th.items()}, kind)   # the code's copy per step
@@ -245,7 +261,9 @@ def replay_hypergradient(problem: LookAhead, phi: dict, theta: dict, bufs: dict,
             f = {k: v.detach().requires_grad_() for k, v in phi.items()}
             g = torch.autograd.grad(problem.step_loss(p, f, kind), list(p.values()),
                                     create_graph=True, allow_unused=True)
-            X = sum((gi * (a1[k] - c * a0[k])).sum() for gi, k in zip(g, p) if gi is not None)
+            X = sum(
+                (gi * (a1[k] - c * a0[k])).sum() for gi, k in zip(g, p) if gi is not None
+            )
             hv = torch.autograd.grad(X, [*p.values(), *f.values()], allow_unused=True)
         for k, h in zip(f, hv[len(p):]):
             if h is not None: out[k] += h
@@ -287,7 +305,8 @@ def outer_of(problem: LookAhead, theta: dict, bufs: dict, opt: dict):
 
 # %% ../nbs/14_mmkd.ipynb #b6692ea5
 class HardBuffer(nn.Module):
-    "The hard buffer: whole batches, then misclassified samples in random slots; the outer data."
+    ("The hard buffer: whole batches, then misclassified samples in random slots; the "
+     "outer data.")
     def __init__(self, size: int = 256):
         super().__init__()
         self.size = check_int("buffer_size", size, 1)
@@ -296,19 +315,23 @@ class HardBuffer(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def allocate(self, batch: tuple):
-        "Size the storage from one training batch (the size must be a multiple of the batch size)."
+        ("Size the storage from one training batch (the size must be a multiple of the "
+         "batch size).")
         x, y = batch[0], batch[1]
         if self.size % len(x):
-            raise ValueError(f"buffer_size={self.size} must be a multiple of the batch size "
-                             f"{len(x)} (the buffer fills with whole batches, as the public "
-                             "code's HardBuffer)")
+            raise ValueError(
+                f"buffer_size={self.size} must be a multiple of the batch size "
+                f"{len(x)} (the buffer fills with whole batches, as the public "
+                "code's HardBuffer)"
+            )
         self.x = x.new_zeros((self.size, *x.shape[1:]))
         self.y = y.new_zeros(self.size)
         self.filled = torch.zeros((), dtype=torch.long, device=x.device)
 
     @torch.no_grad()
     def add(self, x: Tensor, y: Tensor, wrong: Tensor):
-        "The batch while not full; after that its misclassified samples (`wrong`) in random slots."
+        ("The batch while not full; after that its misclassified samples (`wrong`) in "
+         "random slots.")
         n = int(self.filled)
         if n < self.size:
             self.x[n:n + len(x)], self.y[n:n + len(x)] = x, y
@@ -321,7 +344,8 @@ class HardBuffer(nn.Module):
     def sample(self, k: int) -> tuple:
         "k samples drawn without replacement from the filled part."
         n = int(self.filled)
-        if n == 0: raise RuntimeError("the hard buffer is empty: add a batch before sampling")
+        if n == 0:
+            raise RuntimeError("the hard buffer is empty: add a batch before sampling")
         idx = torch.randperm(n, device=self.x.device)[:k]
         return self.x[idx], self.y[idx]
 
@@ -334,7 +358,8 @@ FEATURE_META = ("gram", "rows")
 
 @register_method
 class MMKD(Method):
-    "MMKD: per-sample teacher weights from two meta-nets trained through the student's look-ahead."
+    ("MMKD: per-sample teacher weights from two meta-nets trained through the student's "
+     "look-ahead.")
     name = "mmkd"
     paper = ("Adaptive Multi-Teacher Knowledge Distillation with Meta-Learning "
              "(MMKD; code Rorozhl/MMKD)")
@@ -343,38 +368,48 @@ class MMKD(Method):
     needs_teachers = True
     teacher_feats = True
 
-    def __init__(self, T: float = 4.0, # temperature T of the KD terms (the paper's 4)
-                 gamma: float = 1.0, # weight of the cross-entropy with the labels (Eq. 9)
-                 alpha: float = 1.0, # α, weight of the logit term (the paper: 1)
-                 beta: float = 100.0, # β, weight of the feature term (the paper: 10 or 100)
-                 period: int = 5, # a meta step every `period` steps (the code's meta_freq)
-                 lookahead: int = 2, # look-ahead steps (the code: 2 matching steps)
-                 ce_step: bool = True, # the code's CE step after them
-                 lookahead_loss: str = "match", # their loss: "match" (the code) or "eq9" (Eq. 9)
-                 meta_lr: float = 1e-3, # Adam learning rate of the meta-weight nets
-                 meta_wd: float = 1e-4, # Adam weight decay of the meta-weight nets
-                 buffer_size: int = 256, # hard buffer size, a multiple of the batch size
-                 hard_buffer: bool = True, # False: the meta step uses the training batch
-                 logit_weights: bool = True, # False: uniform 1/M on the logit terms
-                 feat_weights: bool = True, # False: uniform 1/M on the feature terms
-                 feat_meta: str = "gram", # "gram": the code's B×B input; "rows": ours
-                 meta_input: str = "logits", # "logits" (the code) or "probs" (the paper's text)
-                 hypergrad: str = "exact", # one of `HYPERGRADS`; "replay" is the code's
-                 layer: int = -1): # the feature map of the feature term (the last)
+    def __init__(
+        self, T: float = 4.0, # temperature T of the KD terms (the paper's 4)
+        gamma: float = 1.0, # weight of the cross-entropy with the labels (Eq. 9)
+        alpha: float = 1.0, # α, weight of the logit term (the paper: 1)
+        beta: float = 100.0, # β, weight of the feature term (the paper: 10 or 100)
+        period: int = 5, # a meta step every `period` steps (the code's meta_freq)
+        lookahead: int = 2, # look-ahead steps (the code: 2 matching steps)
+        ce_step: bool = True, # the code's CE step after them
+        lookahead_loss: str = "match", # their loss: "match" (the code) or "eq9" (Eq. 9)
+        meta_lr: float = 1e-3, # Adam learning rate of the meta-weight nets
+        meta_wd: float = 1e-4, # Adam weight decay of the meta-weight nets
+        buffer_size: int = 256, # hard buffer size, a multiple of the batch size
+        hard_buffer: bool = True, # False: the meta step uses the training batch
+        logit_weights: bool = True, # False: uniform 1/M on the logit terms
+        feat_weights: bool = True, # False: uniform 1/M on the feature terms
+        feat_meta: str = "gram", # "gram": the code's B×B input; "rows": ours
+        meta_input: str = "logits", # "logits" (the code) or "probs" (the paper's text)
+        hypergrad: str = "exact", # one of `HYPERGRADS`; "replay" is the code's
+        layer: int = -1): # the feature map of the feature term (the last)
         super().__init__()
         self.T = check_temperature(T)
-        self.gamma, self.alpha, self.beta = (check_nonneg(n, v) for n, v in
-                                             (("gamma", gamma), ("alpha", alpha), ("beta", beta)))
+        self.gamma, self.alpha, self.beta = (
+            check_nonneg(n, v)
+            for n, v in (("gamma", gamma), ("alpha", alpha), ("beta", beta))
+        )
         self.period = check_int("period", period, 1)
         self.lookahead = check_int("lookahead", lookahead, 0)
         self.meta_lr = check_nonneg("meta_lr", meta_lr)
         self.meta_wd = check_nonneg("meta_wd", meta_wd)
-        switches = dict(ce_step=ce_step, hard_buffer=hard_buffer, logit_weights=logit_weights,
-                        feat_weights=feat_weights)
+        switches = dict(
+            ce_step=ce_step,
+            hard_buffer=hard_buffer,
+            logit_weights=logit_weights,
+            feat_weights=feat_weights,
+        )
         for n, v in switches.items():
-            if not isinstance(v, bool): raise ValueError(f"{n} must be True or False, got {v!r}")
+            if not isinstance(v, bool):
+                raise ValueError(f"{n} must be True or False, got {v!r}")
             setattr(self, n, v)
-        self.lookahead_loss = check_choice("lookahead_loss", lookahead_loss, STEP_LOSSES[:2])
+        self.lookahead_loss = check_choice(
+            "lookahead_loss", lookahead_loss, STEP_LOSSES[:2]
+        )
         self.feat_meta = check_choice("feat_meta", feat_meta, FEATURE_META)
         self.meta_input = check_choice("meta_input", meta_input, META_INPUTS)
         self.hypergrad = check_choice("hypergrad", hypergrad, HYPERGRADS)
@@ -431,7 +466,8 @@ def weights(self: MMKD, inputs: dict, M: int, B: int, like: Tensor) -> tuple:
 # %% ../nbs/14_mmkd.ipynb #de9e680e
 @patch
 def loss(self: MMKD, batch, s, t):
-    "Eq. 9 with this batch's meta weights (detached): γ·CE + α·Σ w_m T²KL_m + β·Σ w'_m MSE_m."
+    ("Eq. 9 with this batch's meta weights (detached): γ·CE + α·Σ w_m T²KL_m + β·Σ w'_m "
+     "MSE_m.")
     x, y = batch[0], batch[1]
     z, t_logits = upcast(s.logits), upcast(t.logits)
     M, B = t_logits.shape[:2]
@@ -446,7 +482,8 @@ def loss(self: MMKD, batch, s, t):
     ce = F.cross_entropy(z, y)
     kd, feat = (w_logit * kl).sum(1).mean(), (w_feat * mse).sum(1).mean()
     with torch.no_grad():
-        if self.hard_buffer: self.buffer.add(x, y, z.argmax(1) != y)   # feeds the hard buffer
+        # feeds the hard buffer
+        if self.hard_buffer: self.buffer.add(x, y, z.argmax(1) != y)
         self._last = (x, y, w_logit, w_feat)
     out = {"ce": ce, "kd": kd, "loss": self.gamma * ce + self.alpha * kd + self.beta * feat}
     if self.beta > 0: out["feat"] = feat
@@ -462,12 +499,15 @@ def after_step(self: MMKD, learn):
 
 @patch
 def meta_step(self: MMKD, learn, x: Tensor, y: Tensor):
-    "One update of the meta-nets: dL_outer/dφ through the look-ahead on (x, y) (Eq. 12), Adam."
+    ("One update of the meta-nets: dL_outer/dφ through the look-ahead on (x, y) (Eq. 12), "
+     "Adam.")
     opt = learn.opt
     if type(opt) is not torch.optim.SGD:
-        raise ValueError(f"MMKD's look-ahead follows torch.optim.SGD (the paper's optimiser), but "
-                         f"the student's optimizer is {type(opt).__name__}: "
-                         "train with TrainConfig(optimizer='sgd')")
+        raise ValueError(
+            f"MMKD's look-ahead follows torch.optim.SGD (the paper's optimiser), but "
+            f"the student's optimizer is {type(opt).__name__}: "
+            "train with TrainConfig(optimizer='sgd')"
+        )
     g0 = opt.param_groups[0]
     hp = {k: g0[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
     model = self.model[0]
@@ -482,14 +522,16 @@ def meta_step(self: MMKD, learn, x: Tensor, y: Tensor):
         problem = LookAhead(model, x, y, t_logits, t_maps, dict(self.nets), {}, steps,
                             self.T, self.alpha, self.beta, self.gamma)
         z, _, fmap = problem.forward(theta)
-        problem.inputs = self.meta_inputs(t_logits, z, t_maps, fmap)   # fixed for the look-ahead
+        # fixed for the look-ahead
+        problem.inputs = self.meta_inputs(t_logits, z, t_maps, fmap)
     phi = {f"{n}.{k}": p.detach() for n, net in self.nets.items()
            for k, p in net.named_parameters()}
     g = hypergradient(problem, phi, theta, bufs, hp, self.hypergrad)
     for n, net in self.nets.items():
         for k, p in net.named_parameters(): p.grad = g[f"{n}.{k}"].detach()
     # under DDP each rank's hypergradient is on its own hard-buffer batch: their mean is the
-    # hypergradient of the mean outer loss, and every rank's meta-nets take the same Adam step
+    # hypergradient of the mean outer loss, and every rank's meta-nets take the same Adam
+    # step
     all_reduce_grads([p for net in self.nets.values() for p in net.parameters()])
     self.meta_opt.step()
     self.meta_opt.zero_grad(set_to_none=True)
