@@ -30,21 +30,26 @@ __all__ = ['SIGMAS', 'SPACES', 'INITS', 'PAPER_RESULTS', 'rbf_sum', 'mmd', 'mmd_
 SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)   # the public code's bandwidths
 
 def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    "Squared Euclidean distances `[..., n, m]` as ‖a‖² + ‖b‖² − 2a·b (one matrix product), ≥ 0."
+    ("Squared Euclidean distances `[..., n, m]` as ‖a‖² + ‖b‖² − 2a·b (one matrix "
+     "product), ≥ 0.")
     xx, yy = x.pow(2).sum(-1, keepdim=True), y.pow(2).sum(-1).unsqueeze(-2)
     return (xx + yy - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
 
 def rbf_sum(d2: Tensor, sigmas=SIGMAS) -> Tensor:
     "Σ_σ exp(−d²/(2σ²)) over the bandwidths, elementwise: all kernels in one broadcast."
-    s = torch.as_tensor(sigmas, dtype=d2.dtype, device=d2.device).view(-1, *([1] * d2.dim()))
+    s = torch.as_tensor(sigmas, dtype=d2.dtype, device=d2.device).view(
+        -1, *([1] * d2.dim())
+    )
     return torch.exp(-d2.unsqueeze(0) / (2 * s * s)).sum(0)
 
-def mmd(x: Tensor,                # samples `[n, d]` (or `[..., n, d]`: a batch of problems)
-        y: Tensor,                # samples `[m, d]`
-        sigmas=SIGMAS,            # RBF bandwidths, summed
-        unbiased: bool = False,   # the U-statistic (no diagonals of xx, yy), not the V-statistic
-       ) -> Tensor:
-    "MMD² between samples `x` and `y`: the biased estimate (≥ 0) by default, summed over kernels."
+def mmd(
+    x: Tensor,                # samples `[n, d]` (or `[..., n, d]`: a batch of problems)
+    y: Tensor,                # samples `[m, d]`
+    sigmas=SIGMAS,            # RBF bandwidths, summed
+    unbiased: bool = False,  # the U-statistic (no diagonals of xx, yy), not the V-statistic
+) -> Tensor:
+    ("MMD² between samples `x` and `y`: the biased estimate (≥ 0) by default, summed over "
+     "kernels.")
     x, y = upcast(x), upcast(y)
     n, m = x.shape[-2], y.shape[-2]
     kxx, kyy, kxy = (rbf_sum(_sq_dists(a, b), sigmas) for a, b in ((x, x), (y, y), (x, y)))
@@ -52,50 +57,69 @@ def mmd(x: Tensor,                # samples `[n, d]` (or `[..., n, d]`: a batch 
     if n < 2 or m < 2:
         raise ValueError("the unbiased estimate needs at least 2 samples on each side, "
                          f"got n={n}, m={m}")
-    off = lambda k, n: (k.sum((-1, -2)) - k.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+    off = lambda k, n: (
+        (k.sum((-1, -2)) - k.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+    )
     return off(kxx, n) + off(kyy, m) - 2 * kxy.mean((-1, -2))
 
 # %% ../nbs/12_cfl.ipynb #014745bc
 def mmd_permutation_test(x: Tensor, y: Tensor, sigmas=SIGMAS, n_perm: int = 200,
                          generator=None) -> float:
-    ("p-value of the two-sample test H0: x and y come from one distribution, with the biased MMD² "
+    ("p-value of the two-sample test H0: x and y come from one distribution, with the "
+     "biased MMD² "
      "as statistic.")
     z, n = torch.cat([x, y]), len(x)
     observed = mmd(x, y, sigmas)
     # [P, n + m]
-    perms = torch.stack([torch.randperm(len(z), generator=generator) for _ in range(n_perm)])
+    perms = torch.stack(
+        [torch.randperm(len(z), generator=generator) for _ in range(n_perm)]
+    )
     zz = z[perms]  # batched: all at once
     stats = mmd(zz[:, :n], zz[:, n:], sigmas)
     return float(((stats >= observed).sum() + 1) / (n_perm + 1))
 
 # %% ../nbs/12_cfl.ipynb #faea5a83
 def check_tasks(tasks, n_classes: int) -> list:
-    ("The class groups as int64 tensors, if they are disjoint, each of ≥ 2 classes, and cover "
+    ("The class groups as int64 tensors, if they are disjoint, each of ≥ 2 classes, and "
+     "cover "
      "0..n_classes-1; else a ValueError naming the problem.")
     tasks = [torch.as_tensor(t, dtype=torch.int64).flatten().cpu() for t in tasks]
-    if len(tasks) < 2: raise ValueError(f"amalgamation needs at least 2 experts, got {len(tasks)}")
+    if len(tasks) < 2:
+        raise ValueError(f"amalgamation needs at least 2 experts, got {len(tasks)}")
     seen = {}
     for m, t in enumerate(tasks):
-        if len(t) < 2: raise ValueError(f"expert {m} has {len(t)} class(es); an expert classifies, "
-                                        "so it needs at least 2")
+        if len(t) < 2:
+            raise ValueError(
+                f"expert {m} has {len(t)} class(es); an expert classifies, "
+                "so it needs at least 2"
+            )
         for c in t.tolist():
-            if not 0 <= c < n_classes: raise ValueError(f"expert {m} names class {c}, outside "
-                                                        f"0..{n_classes - 1}")
-            if c in seen: raise ValueError(f"class {c} belongs to expert {seen[c]} and to expert "
-                                           f"{m}: the groups must not overlap")
+            if not 0 <= c < n_classes:
+                raise ValueError(f"expert {m} names class {c}, outside 0..{n_classes - 1}")
+            if c in seen:
+                raise ValueError(
+                    f"class {c} belongs to expert {seen[c]} and to expert "
+                    f"{m}: the groups must not overlap"
+                )
             seen[c] = m
     missing = sorted(set(range(n_classes)) - set(seen))
-    if missing: raise ValueError(f"classes {missing} belong to no expert: the groups must cover "
-                                 f"all {n_classes} classes")
+    if missing:
+        raise ValueError(
+            f"classes {missing} belong to no expert: the groups must cover "
+            f"all {n_classes} classes"
+        )
     return tasks
 
 def check_expert_outputs(sizes, tasks) -> None:
     "Each expert's output size must be its group's size."
-    if len(sizes) != len(tasks): raise ValueError(f"{len(sizes)} teachers for {len(tasks)} class "
-                                                  "groups")
+    if len(sizes) != len(tasks):
+        raise ValueError(f"{len(sizes)} teachers for {len(tasks)} class groups")
     for m, (k, t) in enumerate(zip(sizes, tasks)):
-        if k != len(t): raise ValueError(f"teacher {m} has {k} outputs but its class group has "
-                                         f"{len(t)} classes: {t.tolist()}")
+        if k != len(t):
+            raise ValueError(
+                f"teacher {m} has {k} outputs but its class group has "
+                f"{len(t)} classes: {t.tolist()}"
+            )
 
 def _relabel(split: Split, classes: Tensor, n_classes: int) -> Split:
     local = torch.full((n_classes,), -1, dtype=torch.int64)
@@ -105,7 +129,8 @@ def _relabel(split: Split, classes: Tensor, n_classes: int) -> Split:
 
 @dataclass
 class Amalgamation:
-    ("N experts over disjoint class groups that cover `data`'s classes: the setting of chapters 12 "
+    ("N experts over disjoint class groups that cover `data`'s classes: the setting of "
+     "chapters 12 "
      "and 13.")
     data: ImageDataset
     tasks: list   # global class ids of each expert, int64 tensors
@@ -116,30 +141,48 @@ class Amalgamation:
     def split(cls, data: ImageDataset, n_experts: int, seed: int = 0) -> "Amalgamation":
         "Groups from a seeded permutation of the classes, as even as possible."
         K = data.n_classes
-        if isinstance(n_experts, bool) or not isinstance(n_experts,
-                                                         int) or not 2 <= n_experts <= K // 2:
-            raise ValueError(f"n_experts must be an int from 2 to {K // 2} ({K} classes, at least "
-                             f"2 per expert), got {n_experts!r}")
+        if (
+            isinstance(n_experts, bool)
+            or not isinstance(n_experts, int)
+            or not 2 <= n_experts <= K // 2
+        ):
+            raise ValueError(
+                f"n_experts must be an int from 2 to {K // 2} ({K} classes, at least "
+                f"2 per expert), got {n_experts!r}"
+            )
         perm = torch.randperm(K, generator=torch.Generator().manual_seed(seed))
         return cls(data, [t.sort().values for t in torch.tensor_split(perm, n_experts)])
 
     def expert_data(self, m: int) -> ImageDataset:
         "Expert m's dataset: the samples of its classes, relabelled 0..k-1."
         d, c = self.data, self.tasks[m]
-        return ImageDataset(f"{d.name}:expert{c.tolist()}", _relabel(d.train, c, d.n_classes),
-                            _relabel(d.test, c, d.n_classes),
-                            [d.classes[i] for i in c.tolist()], d.mean, d.std, d.pad, d.flip,
-                            d.source)
+        return ImageDataset(
+            f"{d.name}:expert{c.tolist()}",
+            _relabel(d.train, c, d.n_classes),
+            _relabel(d.test, c, d.n_classes),
+            [d.classes[i] for i in c.tolist()],
+            d.mean,
+            d.std,
+            d.pad,
+            d.flip,
+            d.source,
+        )
 
     def train_experts(self, archs, cfg: TrainConfig | None = None, **kw) -> list:
-        ("One expert per group (architectures cycled through `archs`), trained on its own classes "
+        ("One expert per group (architectures cycled through `archs`), trained on its own "
+         "classes "
          "or loaded from the cache.")
         archs = [archs] if isinstance(archs, str) else list(archs)
-        return [train_teachers(archs[m % len(archs)], self.expert_data(m), seeds=[m], cfg=cfg,
-                               **kw)[0] for m in range(len(self.tasks))]
+        return [
+            train_teachers(
+                archs[m % len(archs)], self.expert_data(m), seeds=[m], cfg=cfg, **kw
+            )[0]
+            for m in range(len(self.tasks))
+        ]
 
 def union_logits(t_logits, tasks) -> Tensor:
-    "The experts' logits placed at their global classes: the concatenation `[B, K]` over the union."
+    ("The experts' logits placed at their global classes: the concatenation `[B, K]` over "
+     "the union.")
     K = sum(len(t) for t in tasks)
     first = t_logits[0]
     out = first.new_empty(first.shape[0], K, dtype=upcast(first).dtype)
@@ -148,26 +191,33 @@ def union_logits(t_logits, tasks) -> Tensor:
 
 # %% ../nbs/12_cfl.ipynb #145c2ecb
 class Amalgamating(Method):
-    ("A student over the union of the experts' classes, trained on their concatenated soft target "
-     "(not registered).")
+    ("A student over the union of the experts' classes, trained on their concatenated "
+     "soft target (not registered).")
     name = "amalgamating"
     chapter = "cfl"
     needs_teachers = True
-    amalgamation = True  # works with experts over different class groups (`kdbook run --experts N`)
+    # works with experts over different class groups (`kdbook run --experts N`)
+    amalgamation = True
 
-    def __init__(self,
-        T: float = 1.0,     # temperature of the concatenated soft target (1 in the public code)
-                 gamma: float = 0.0):  # weight of the labels' cross-entropy (0: label-free, as CFL)
+    def __init__(
+        self,
+        # temperature of the concatenated soft target (1 in the public code)
+        T: float = 1.0,
+        # weight of the labels' cross-entropy (0: label-free, as CFL)
+        gamma: float = 0.0,
+    ):
         super().__init__()
         self.T, self.gamma = check_temperature(T), check_nonneg("gamma", gamma)
 
     def prepare(self, learner):
-        ("The experts' class groups from the run's `tasks`, checked against the dataset and the "
-         "experts' output sizes.")
+        ("The experts' class groups from the run's `tasks`, checked against the dataset "
+         "and the experts' output sizes.")
         if not learner.tasks:
-            raise ValueError(f"method {self.name!r} amalgamates experts over class groups: run it "
-                             "with tasks= "
-                             "(run_study(..., tasks=amalgamation.tasks) or kdbook run --experts N)")
+            raise ValueError(
+                f"method {self.name!r} amalgamates experts over class groups: run it "
+                "with tasks= (run_study(..., tasks=amalgamation.tasks) or kdbook run "
+                "--experts N)"
+            )
         self._tasks = [t.to(learner.device) for t in check_tasks(learner.tasks,
                                                                  learner.data.n_classes)]
         check_expert_outputs(learner.bank.num_classes, self._tasks)
@@ -175,7 +225,9 @@ class Amalgamating(Method):
     def soft_loss(self, s: ModelOut, t) -> Tensor:
         "T²·CE(softmax(student/T), softmax(concatenated experts/T)), batch mean."
         q = F.softmax(union_logits(list(t.logits), self._tasks) / self.T, -1)
-        return -(q * F.log_softmax(upcast(s.logits) / self.T, -1)).sum(-1).mean() * self.T ** 2
+        return (
+            -(q * F.log_softmax(upcast(s.logits) / self.T, -1)).sum(-1).mean() * self.T**2
+        )
 
     def loss(self, batch, s, t):
         out = {"soft": self.soft_loss(s, t)}
@@ -187,13 +239,18 @@ class Amalgamating(Method):
 
 @register_method
 class KA(Amalgamating):
-    ("Knowledge amalgamation: the student imitates the softmax of the experts' concatenated logits "
+    ("Knowledge amalgamation: the student imitates the softmax of the experts' "
+     "concatenated logits "
      "(optionally from one expert only).")
     name = "ka"
-    paper = ("knowledge amalgamation from the experts' concatenated soft targets (the KD baseline "
-             "of the CFL code)")
+    paper = (
+        "knowledge amalgamation from the experts' concatenated soft targets (the KD "
+        "baseline "
+        "of the CFL code)"
+    )
     def __init__(self, T: float = 1.0, gamma: float = 0.0,
-                 only: int = -1):   # -1: all experts; m: expert m alone, over its own classes
+                 # -1: all experts; m: expert m alone, over its own classes
+                 only: int = -1):
         super().__init__(T, gamma)
         if only != -1: check_teacher_index(only)
         self.only = only
@@ -210,12 +267,15 @@ SPACES = ("common", "direct", "random")
 INITS = ("kaiming", "pytorch")   # the common space's initialisation
 
 class ResBlock(nn.Module):
-    "conv3×3–ReLU–conv3×3, plus a 1×1 shortcut when the width changes, then ReLU; no BatchNorm."
+    ("conv3×3–ReLU–conv3×3, plus a 1×1 shortcut when the width changes, then ReLU; no "
+     "BatchNorm.")
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.short = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+        self.short = (
+            nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+        )
     def forward(self, x): return F.relu(self.conv2(F.relu(self.conv1(x))) + self.short(x))
 
 class CommonSpace(nn.Module):
@@ -224,34 +284,48 @@ class CommonSpace(nn.Module):
         super().__init__()
         check_choice("init", init, INITS)
         align = lambda c: nn.Sequential(nn.Conv2d(c, 2 * h, 1, bias=False), nn.ReLU())
-        self.align_s, self.align_t = align(c_student), nn.ModuleList(align(c) for c in c_experts)
+        self.align_s, self.align_t = (
+            align(c_student),
+            nn.ModuleList(align(c) for c in c_experts),
+        )
         self.extractor = nn.Sequential(ResBlock(2 * h, h), ResBlock(h, h), ResBlock(h, h))
-        decoder = lambda c: nn.Sequential(nn.Conv2d(h, c, 3, padding=1, bias=False), nn.ReLU(),
-                                          nn.Conv2d(c, c, 1, bias=False))
+        decoder = lambda c: nn.Sequential(
+            nn.Conv2d(h, c, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 1, bias=False),
+        )
         self.dec_t = nn.ModuleList(decoder(c) for c in c_experts)
-        if init == "pytorch": return   # PyTorch's default (the public code never calls its own)
+        # PyTorch's default (the public code never calls its own)
+        if init == "pytorch": return
         for m in self.modules():
-            if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, fs: Tensor, fts: list) -> tuple:
-        "Common features of the student `[B, h, H, W]` and of each expert; their reconstructions."
+        ("Common features of the student `[B, h, H, W]` and of each expert; their "
+         "reconstructions.")
         hs = self.extractor(self.align_s(fs))
         hts = [self.extractor(a(f)) for a, f in zip(self.align_t, fts)]
         return hs, hts, [d(h) for d, h in zip(self.dec_t, hts)]
 
 @register_method
 class CFL(Amalgamating):
-    "CFL (Luo et al., IJCAI 2019): KA + λ·(Σ MMD² to experts in a common space + Σ recon. MSE)."
+    ("CFL (Luo et al., IJCAI 2019): KA + λ·(Σ MMD² to experts in a common space + Σ recon. "
+     "MSE).")
     name = "cfl"
     paper = "Luo et al., IJCAI 2019: knowledge amalgamation by common feature learning"
     teacher_feats = True
-    def __init__(self, T: float = 1.0, gamma: float = 0.0,
-                 lam: float = 10.0,        # λ, weight of the feature terms (10 in the public code)
-                 hidden: int = 128,        # h, channels of the common space (128 there)
-                 space: str = "common",    # "common"; controls: "direct" (imitation), "random"
-                 init: str = "kaiming"):   # the common space's init: "kaiming" or "pytorch"
+    def __init__(
+        self, T: float = 1.0, gamma: float = 0.0,
+        lam: float = 10.0,        # λ, weight of the feature terms (10 in the public code)
+        hidden: int = 128,        # h, channels of the common space (128 there)
+        space: str = "common",    # "common"; controls: "direct" (imitation), "random"
+        init: str = "kaiming"):   # the common space's init: "kaiming" or "pytorch"
         super().__init__(T, gamma)
-        self.lam, self.space = check_nonneg("lam", lam), check_choice("space", space, SPACES)
+        self.lam, self.space = (
+            check_nonneg("lam", lam),
+            check_choice("space", space, SPACES),
+        )
         self.init = check_choice("init", init, INITS)
         self.hidden = check_int("hidden", hidden, 1)
 
@@ -259,8 +333,10 @@ class CFL(Amalgamating):
         x = batch[0]
         fs, fts = student(x).feats[-1], [f[-1] for f in bank(x, feats=True).feats]
         if fs.dim() != 4:
-            raise ValueError("CFL aligns feature maps: the student's last feature is not a map "
-                             f"[B, C, H, W], its shape is {tuple(fs.shape)}")
+            raise ValueError(
+                "CFL aligns feature maps: the student's last feature is not a map "
+                f"[B, C, H, W], its shape is {tuple(fs.shape)}"
+            )
         self._size = tuple(fs.shape[-2:])
         if self.space == "direct":
             self.imitate = nn.ModuleList(nn.Conv2d(fs.shape[1], f.shape[1], 1) for f in fts)
@@ -268,12 +344,18 @@ class CFL(Amalgamating):
             widths = [f.shape[1] for f in fts]
             self.common = CommonSpace(fs.shape[1], widths, self.hidden, self.init)
             if self.space == "random":
-                for mod in (self.common.align_s, self.common.align_t, self.common.extractor):
+                for mod in (
+                    self.common.align_s,
+                    self.common.align_t,
+                    self.common.extractor,
+                ):
                     mod.requires_grad_(False)
 
     def _resized(self, fts) -> list:
         pool = lambda f: F.adaptive_avg_pool2d(f, self._size)
-        return [upcast(f) if tuple(f.shape[-2:]) == self._size else pool(upcast(f)) for f in fts]
+        return [
+            upcast(f) if tuple(f.shape[-2:]) == self._size else pool(upcast(f)) for f in fts
+        ]
 
     def feature_loss(self, s: ModelOut, t) -> Tensor:
         fs, fts = s.feats[-1], self._resized([f[-1] for f in t.feats])
@@ -295,7 +377,8 @@ class CFL(Amalgamating):
 
 # %% ../nbs/12_cfl.ipynb #9713612b
 def public_mmd(x: Tensor, y: Tensor, sigmas=SIGMAS) -> Tensor:
-    ("The public code's loss/mmd.py, restated: one kernel at a time, biased estimate on equal "
+    ("The public code's loss/mmd.py, restated: one kernel at a time, biased estimate on "
+     "equal "
      "batch sizes, clamped at 0.")
     xx, yy, xy = x @ x.T, y @ y.T, x @ y.T
     rx, ry = xx.diag().unsqueeze(0).expand_as(xx), yy.diag().unsqueeze(0).expand_as(yy)
@@ -312,17 +395,25 @@ def public_mmd(x: Tensor, y: Tensor, sigmas=SIGMAS) -> Tensor:
 # %% ../nbs/12_cfl.ipynb #3ecca3bd
 def cfl_speed(n_experts: int = 5, batch: int = 64, dim: int = 128 * 7 * 7, reps: int = 20,
               device: str = "cpu") -> dict:
-    ("Seconds for the N MMD² terms of a CFL step (forward + backward): one batched `mmd` call vs "
+    ("Seconds for the N MMD² terms of a CFL step (forward + backward): one batched `mmd` "
+     "call vs "
      "the public code's loops over experts and kernels.")
     g = torch.Generator().manual_seed(0)
-    hs = F.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device).requires_grad_()
+    hs = (
+        F.normalize(torch.randn(batch, dim, generator=g), dim=1).to(device).requires_grad_()
+    )
     ht = F.normalize(torch.randn(n_experts, batch, dim, generator=g), dim=-1).to(device)
     ours = lambda: mmd(hs.expand_as(ht), ht).sum().backward()
     loop = lambda: sum(public_mmd(hs, h) for h in ht).backward()
-    # the same value, compared in float64 (float32 round-off moves the public code's narrow kernels)
+    # the same value, compared in float64 (float32 round-off moves the public code's narrow
+    # kernels)
     with torch.no_grad():
-        diff = float((mmd(hs.double().expand(ht.shape),
-            ht.double()).sum() - sum(public_mmd(hs.double(), h.double()) for h in ht)).abs())
+        diff = float(
+            (
+                mmd(hs.double().expand(ht.shape), ht.double()).sum()
+                - sum(public_mmd(hs.double(), h.double()) for h in ht)
+            ).abs()
+        )
     t_ours, t_loop = median_times([ours, loop], reps, warmup=2, device=device)
     return {"n_experts": n_experts, "batch": batch, "dim": dim, "t_batched": t_ours,
             "t_loop": t_loop, "ratio": t_loop / t_ours, "max_diff": diff}
