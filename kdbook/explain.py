@@ -432,13 +432,8 @@ def method_bars(
         if ns
         else "mean ± std over seeds"
     )
-    fig.update_layout(
-        title=title or f"Student top-1 ({seeds})",
-        yaxis_title=yaxis_title,
-        height=height,
-        margin=dict(t=50, b=40),
-        showlegend=bool(marks),
-    )
+    fig.update_layout(title=title or f"Student top-1 ({seeds})", yaxis_title=yaxis_title,
+                      height=height, margin=dict(t=50, b=40), showlegend=bool(marks))
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #83503af3
@@ -485,14 +480,8 @@ def curves_figure(
                 showlegend=False,
                 hoverinfo="skip",
             )
-        fig.add_scatter(
-            x=x,
-            y=m.tolist(),
-            mode="lines",
-            name=name,
-            line=dict(color=color),
-            legendgroup=name,
-        )
+        fig.add_scatter(x=x, y=m.tolist(), mode="lines", name=name, line=dict(color=color),
+                        legendgroup=name)
     runs = sorted({len(r) for r in curves.values()})
     seeds = (
         "one run each"
@@ -507,13 +496,9 @@ def curves_figure(
             1, round(max((len(c) for r in curves.values() for c in r), default=1) / 8)
         ),
     )
-    fig.update_layout(
-        title=title or f"Test top-1 during training ({seeds})",
-        xaxis_title=xaxis_title,
-        yaxis_title=yaxis_title,
-        height=height,
-        margin=dict(t=50, b=40),
-    )
+    fig.update_layout(title=title or f"Test top-1 during training ({seeds})",
+                      xaxis_title=xaxis_title, yaxis_title=yaxis_title, height=height,
+                      margin=dict(t=50, b=40))
     return _finish(fig, widget)
 
 # %% ../nbs/05_explain.ipynb #f7283cc5
